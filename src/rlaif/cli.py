@@ -1,0 +1,150 @@
+"""The `rlaif` command: a thin dispatcher. Heavy modules are imported only when their command runs.
+
+Stage commands take ``rlaif <cmd> [CONFIG.yaml] [key.sub=value ...]`` and call ``module.run(cfg)``;
+other commands receive their own argv.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rlaif import __version__
+from rlaif.errors import UserError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    target: str
+    """'module:function'. Stage commands: function(cfg) -> Path. Others: function(argv) -> int."""
+    section: str | None = None
+    """For stage commands: the config section whose fields `--help` lists."""
+
+
+COMMANDS: list[Command] = [
+    Command("models", "pull or list models in the local cache ($RLAIF_HOME)", "rlaif.models_cli:main"),
+]
+
+
+def _usage() -> str:
+    width = max(len(c.name) for c in COMMANDS)
+    lines = [
+        f"rlaif {__version__}: Constitutional AI / RLAIF, end to end",
+        "",
+        "usage: rlaif <command> [CONFIG.yaml] [key.sub=value ...]",
+        "       rlaif <command> --help",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {c.name:<{width}}  {c.summary}" for c in COMMANDS]
+    lines += ["", "options:", "  --version  print the version and exit"]
+    return "\n".join(lines)
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+
+
+def stage_help(cmd: Command) -> str:
+    from rlaif.config import RunConfig
+    from rlaif.configspec import describe
+
+    rows = describe(RunConfig)
+    if cmd.section:
+        section_cls = type(getattr(RunConfig(), cmd.section))
+        rows += describe(section_cls, prefix=f"{cmd.section}.")
+    out = [
+        f"usage: rlaif {cmd.name} [CONFIG.yaml] [key.sub=value ...]",
+        "",
+        cmd.summary,
+        "",
+        "config keys (set in the YAML file or as key=value; defaults shown):",
+    ]
+    for key, tp, default, doc in rows:
+        out.append(f"  {key} ({tp}, default {default})")
+        if doc:
+            out.append(f"      {doc}")
+    return "\n".join(out)
+
+
+def split_stage_args(name: str, argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split stage argv into (config path or None, overrides)."""
+    config: str | None = None
+    overrides: list[str] = []
+    for arg in argv:
+        if "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        elif arg.startswith("-"):
+            raise UserError(f"rlaif {name}: unknown option '{arg}' (see rlaif {name} --help)")
+        elif config is None:
+            config = arg
+        else:
+            raise UserError(
+                f"rlaif {name}: unexpected argument '{arg}' (one CONFIG.yaml, then key=value pairs)"
+            )
+    return config, overrides
+
+
+def run_stage(cmd: Command, argv: Sequence[str]) -> int:
+    from rlaif.config import load_config
+
+    config, overrides = split_stage_args(cmd.name, argv)
+    cfg = load_config(config, overrides)
+    out = _resolve(cmd.target)(cfg)
+    if out is not None:
+        print(f"rlaif {cmd.name}: done -> {out}")
+    return 0
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("RLAIF_LOG", "INFO").upper()
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"rlaif {__version__}")
+        return 0
+    by_name = {c.name: c for c in COMMANDS}
+    cmd = by_name.get(args[0])
+    if cmd is None:
+        import difflib
+
+        close = difflib.get_close_matches(args[0], list(by_name), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"rlaif: error: unknown command '{args[0]}'{hint}; see rlaif --help", file=sys.stderr)
+        return 2
+    _setup_logging()
+    rest = args[1:]
+    try:
+        if cmd.section is not None:
+            if any(a in ("-h", "--help") for a in rest):
+                print(stage_help(cmd))
+                return 0
+            return run_stage(cmd, rest)
+        return int(_resolve(cmd.target)(rest) or 0)
+    except UserError as exc:
+        print(f"rlaif {cmd.name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"rlaif {cmd.name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
