@@ -29,7 +29,9 @@ class Command:
 
 
 COMMANDS: list[Command] = [
-    Command("models", "pull or list models in the local cache ($RLAIF_HOME)", "rlaif.models_cli:main"),
+    Command(
+        "models", "pull or list models in the local cache ($RLAIF_HOME)", "rlaif.models_cli:main"
+    ),
 ]
 
 

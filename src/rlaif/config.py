@@ -75,6 +75,101 @@ class ReviseConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """Settings shared by every training stage (sft, reward, ppo, dpo)."""
+
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: no limit beyond epochs)."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW, linear warmup then cosine decay)."""
+    warmup_ratio: float = 0.05
+    """Share of steps spent warming up the learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_length: int = 512
+    """Longest training sequence in tokens; longer ones are cut from the left of the prompt."""
+    lora: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype: 'auto' uses bf16 autocast only where a probe finds it faster."""
+    save_every: int = 50
+    """Write a checkpoint every this many optimizer steps (and at the end)."""
+    log_every: int = 1
+    """Log metrics every this many optimizer steps."""
+
+
+@dataclass
+class LabelConfig:
+    """Stage 3: the SL-CAI model answers red-team prompts twice; a feedback model picks the better answer."""
+
+    policy: str = ""
+    """Model that samples the two answers ('' means the SL-CAI model at run_dir/sft); any model reference."""
+    prompts: str = ""
+    """Red-team prompt file ('' means the same source as revise.prompts, read with revise's settings)."""
+    skip: int = 0
+    """Prompts to skip at the start of the shuffled list (e.g. revise.limit, to hold out revise's prompts)."""
+    limit: int = 64
+    """Label at most this many prompts after skip (0: all that remain)."""
+    max_new_tokens: int = 128
+    """Most tokens of each sampled answer."""
+    temperature: float = 1.0
+    """Sampling temperature of the two answers (seeded; 0 would make both answers the same)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass of the two answers."""
+    mode: Literal["compare", "pointwise"] = "compare"
+    """'compare': the paper's multiple-choice form; 'pointwise': each answer scored alone, the label from the difference."""
+    principles: int = 2
+    """Feedback principles per pair, drawn at random per pair (seeded) and averaged (0: all of them)."""
+    dual_order: bool = True
+    """Score each comparison in both orders and average them (removes position bias)."""
+    chat: bool = True
+    """Ask through the feedback model's chat template (False: one plain 'Human: ... Assistant:' text)."""
+    delimit: bool = True
+    """Quote answers between [[[ and ]]] and neutralise look-alikes of the template inside them (prompt-injection guard)."""
+    few_shot: int = 0
+    """Solved comparisons from few_shot_file put in front of each question (0: none)."""
+    few_shot_file: str = "../shared/data/cai-paper/RLMadisonFewShotPrompts.json"
+    """The paper's comparison examples: a JSON list of {prompt, corrects, incorrects}."""
+    cot: bool = False
+    """Chain of thought: the feedback model reasons first; its option probabilities are then clamped."""
+    cot_few_shot: int = 0
+    """Solved chain-of-thought examples from cot_few_shot_file in front of each question."""
+    cot_few_shot_file: str = "../shared/data/cai-paper/RLMadisonPrecogFewShotPrompts.json"
+    """The paper's chain-of-thought examples: a JSON list of {prompt} texts with {} for the principle."""
+    cot_max_new_tokens: int = 96
+    """Most tokens of the reasoning."""
+    cot_clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])
+    """[low, high] bounds for chain-of-thought probabilities (the paper's 40-60 %)."""
+    pointwise_question: str = (
+        "Is the assistant's last response harmful, unethical, dangerous, toxic or illegal? "
+        "Answer Yes or No."
+    )
+    """Pointwise mode: the Yes/No question; an answer's score is P(No)."""
+    helpful_pairs: str = "../shared/data/stackexchange/coffee.Posts.xml"
+    """Human helpfulness comparisons mixed into preferences.jsonl: hh-rlhf .jsonl(.gz) or a Stack Exchange Posts.xml ('' for none)."""
+    helpful_ratio: float = 1.0
+    """Human comparisons per AI-labelled pair in preferences.jsonl (capped by what the file holds)."""
+    helpful_max_per_question: int = 3
+    """Stack Exchange: most answer pairs taken from one question."""
+    batch_pairs: int = 16
+    """Prompts answered and labelled together (one chunk, written to labels.jsonl when done)."""
+
+
+@dataclass
 class RunConfig:
     """Top level of a run config."""
 
@@ -92,6 +187,8 @@ class RunConfig:
     """How models are run."""
     revise: ReviseConfig = field(default_factory=ReviseConfig)
     """Stage 1 settings."""
+    label: LabelConfig = field(default_factory=LabelConfig)
+    """Stage 3 settings (AI feedback labels)."""
 
     @property
     def run_path(self) -> Path:
@@ -125,4 +222,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         for dotted, line in sorted(lines.items(), key=lambda kv: -len(kv[0])):
             if f"'{dotted}'" in msg and not any(o.startswith(dotted + "=") for o in overrides):
                 raise UserError(f"{path}:{line}: {msg}") from None
-        raise UserError(f"{where}{msg}" if where and not msg.startswith(str(path)) else msg) from None
+        raise UserError(
+            f"{where}{msg}" if where and not msg.startswith(str(path)) else msg
+        ) from None

@@ -69,7 +69,9 @@ def hash_inputs(inputs: dict[str, Path | str]) -> dict[str, str]:
             out[name] = sha256_file(p)
         elif p is not None and p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            out[name] = sha256_text("".join(f"{f.relative_to(p)}:{f.stat().st_size}" for f in files))
+            out[name] = sha256_text(
+                "".join(f"{f.relative_to(p)}:{f.stat().st_size}" for f in files)
+            )
         else:
             out[name] = sha256_text(str(item))
     return out

@@ -35,9 +35,7 @@ def check_model_dir(path: Path, *, allow_pickle: bool = False) -> Path:
             )
         if not pickles:
             raise UserError(f"{path}: no weights found (expected *.safetensors)")
-    has_tok = any(
-        (path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")
-    )
+    has_tok = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     if not has_tok:
         raise UserError(f"{path}: tokenizer files are missing (tokenizer.json)")
     return path
@@ -76,6 +74,6 @@ def load_causal_lm(
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UserError(f"{path}: cannot load model ({first})") from None
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tok

@@ -1,0 +1,132 @@
+"""Training checkpoints: written atomically, resumed from the newest complete one.
+
+Layout under a stage's checkpoint root::
+
+    checkpoints/step-000040/   model (safetensors) + tokenizer + trainer_state.pt + state.json
+    checkpoints/step-000080/
+
+A checkpoint is built in a hidden temp directory and renamed into place only when complete, so a
+kill at any moment leaves either the old set or the new one. ``trainer_state.pt`` holds optimizer,
+scheduler and RNG state as plain tensors and is read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rlaif.errors import TrainingDiverged
+from rlaif.store import ensure_dir, fsync_dir
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(root)
+
+
+def atomic_dir(final: Path, build: Any) -> Path:
+    """Call ``build(tmp_dir)`` then move ``tmp_dir`` to ``final`` (replacing it) atomically."""
+    final = Path(final)
+    ensure_dir(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        _fsync_tree(tmp)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not Path(root).is_dir():
+        return []
+    found = []
+    for child in Path(root).iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / "state.json").is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: Any,
+    tokenizer: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; keep only the newest ``keep``."""
+    import torch
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        trainer_state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+        if optimizer is not None:
+            trainer_state["optimizer"] = optimizer.state_dict()
+        if scheduler is not None:
+            trainer_state["scheduler"] = scheduler.state_dict()
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
+
+    path = atomic_dir(Path(root) / f"step-{step:06d}", build)
+    for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_trainer_state(
+    ckpt: Path, *, optimizer: Any = None, scheduler: Any = None
+) -> dict[str, Any]:
+    """Restore optimizer/scheduler/RNG from ``ckpt``; return its state.json contents."""
+    import torch
+
+    blob = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=True)
+    if optimizer is not None and "optimizer" in blob:
+        optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and "scheduler" in blob:
+        scheduler.load_state_dict(blob["scheduler"])
+    if "torch_rng" in blob:
+        torch.set_rng_state(blob["torch_rng"])
+    state: dict[str, Any] = json.loads((Path(ckpt) / "state.json").read_text())
+    return state
+
+
+def check_finite(step: int, stage: str, last_good: Path | None, **values: float) -> None:
+    """Stop the run with a clear message when a loss or gradient norm is NaN/inf."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(float(v))}
+    if bad:
+        what = ", ".join(f"{k}={v}" for k, v in bad.items())
+        kept = f"; last good checkpoint kept: {last_good}" if last_good else ""
+        raise TrainingDiverged(f"{stage}: non-finite value at step {step} ({what}){kept}")
