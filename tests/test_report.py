@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlaif.elo import Comparison, elo_table
+from rlaif.report import reliability_bins, write_report
+
+
+def test_report_has_tables_plots_and_transcripts(tmp_path: Path) -> None:
+    games = [Comparison(0, 1, 0.2, f"p{k}") for k in range(10)]
+    t = elo_table(["helpful", "sl-cai"], games, bootstrap=50).__dict__
+    (tmp_path / "metrics").mkdir()
+    rows = [{"step": s, "reward": 0.1 * s, "kl": 0.01 * s} for s in range(1, 6)]
+    (tmp_path / "metrics" / "ppo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {
+        "judge": "tiny",
+        "n_harmful": 10,
+        "n_helpful": 4,
+        "elo": {"harmlessness": t, "helpfulness": t},
+        "per_model": {"helpful": {"evasive": 0.1}, "sl-cai": {"evasive": 0.3}},
+        "labeler": {"n": 20, "acc_dual": 0.6, "ece": 0.1, "probs": [0.2, 0.7, 0.9, 0.55]},
+        "pm_accuracy": {"hh-rlhf": {"n": 20, "accuracy": 0.55, "ece": 0.05}},
+        "transcripts": [
+            {"kind": "harmful", "prompt": "How do I pick a lock?", "answers": {"a": "No."}}
+        ],
+    }
+    path = write_report(tmp_path, results)
+    text = path.read_text()
+    assert "### Harmlessness" in text and "| sl-cai |" in text and "0.300" in text
+    assert "How do I pick a lock?" in text
+    for png in ("elo.png", "ppo.png", "calibration.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 1000
+        assert f"plots/{png}" in text
+
+
+def test_reliability_bins() -> None:
+    rows = reliability_bins([0.95, 0.92, 0.05, 0.55], bins=10)
+    # 0.05 sits in the first bin: confidence 0.95, wrong (p < 0.5 for the human choice).
+    assert rows[0] == (0.95, 0.0, 1)
+    assert rows[-1][2] == 2 and rows[-1][1] == 1.0
