@@ -1,0 +1,55 @@
+"""The dtype probe: explicit names pass through, 'auto' times fp32 against bf16 and keeps the faster."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from rlaif.backends import dtype as dt
+from rlaif.errors import UserError
+
+
+def test_explicit_names() -> None:
+    assert dt.pick_dtype("float32", "cpu") is torch.float32
+    assert dt.pick_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert dt.pick_dtype("float16", "cpu") is torch.float16
+
+
+def test_bad_name_is_a_user_error() -> None:
+    with pytest.raises(UserError, match=r"backend\.dtype"):
+        dt.pick_dtype("fp8", "cpu")
+
+
+def test_auto_follows_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dt, "probe", lambda device="cpu": {"float32": 1.0, "bfloat16": 0.2})
+    assert dt.pick_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(dt, "probe", lambda device="cpu": {"float32": 0.1, "bfloat16": 0.8})
+    assert dt.pick_dtype("auto", "cpu") is torch.float32
+    # a near tie goes to fp32 (bf16 costs accuracy)
+    monkeypatch.setattr(dt, "probe", lambda device="cpu": {"float32": 1.0, "bfloat16": 0.9})
+    assert dt.pick_dtype("auto", "cpu") is torch.float32
+
+
+def test_real_probe_is_fast_cached_and_consistent() -> None:
+    dt.probe.cache_clear()
+    t0 = time.perf_counter()
+    timings = dt.probe("cpu")
+    assert time.perf_counter() - t0 < 1.5
+    assert set(timings) == {"float32", "bfloat16"}
+    assert all(0 < v < 1 for v in timings.values())
+    assert dt.probe("cpu") is timings  # cached per process
+    faster_bf16 = timings["float32"] > dt.BF16_MIN_SPEEDUP * timings["bfloat16"]
+    assert dt.pick_dtype("auto", "cpu") is (torch.bfloat16 if faster_bf16 else torch.float32)
+
+
+def test_time_matmul_returns_a_duration() -> None:
+    # Only that it measures something: comparing two timings is flaky on a loaded machine.
+    seconds = dt.time_matmul(torch.float32, shape=(8, 64, 64))
+    assert 0 < seconds < 60
+
+
+def test_resolve_device() -> None:
+    assert dt.resolve_device("cpu") == "cpu"
+    assert dt.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
