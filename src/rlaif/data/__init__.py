@@ -1,0 +1,1 @@
+"""Input data: red-team and helpfulness prompt sources, hh-rlhf transcripts, Stack Exchange dumps."""
