@@ -1,0 +1,406 @@
+"""The PPO loop behind `rlaif ppo`: rollouts, rewards, advantages, clipped updates, checkpoints.
+
+One PPO step: sample ``rollout_batch_size`` answers with the policy (the ``hf`` backend's decode
+loop, batched); score each full conversation with the PM; take the policy's, the reference's and the
+value function's view of every answer token in one forward pass each; build per-token rewards
+(``-beta * KL`` plus the normalised score at the last token), GAE advantages and returns; then
+``ppo_epochs`` passes of clipped updates in mini-batches. Everything random is seeded from
+``(seed, step)``, so a resumed run samples the same prompts and answers as an uninterrupted one.
+
+Models stay in eval mode throughout (no dropout), so the first mini-batch's ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rlaif.backends.base import GenerationParams
+from rlaif.backends.hf import HFLM
+from rlaif.checkpoint import check_finite, latest_checkpoint
+from rlaif.checkpoint import load_trainer_state as _load_trainer_state
+from rlaif.config import BackendConfig, PPOConfig
+from rlaif.metrics import MetricsLog
+from rlaif.rl.advantages import RunningMoments, explained_variance, gae, masked_mean, masked_whiten
+from rlaif.rl.kl import KLController, kl_per_token, make_kl_controller, per_token_rewards
+from rlaif.rl.losses import (
+    clipped_value_loss,
+    entropy_from_logits,
+    logprobs_from_logits,
+    ppo_policy_loss,
+)
+from rlaif.rl.rollout import Rollout, Samples
+from rlaif.stages.ppo import load_trainable, save_ppo_checkpoint
+from rlaif.train_common import autocast, build_optimizer, grad_norm
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+class Scorer(Protocol):
+    """What PPO needs from a reward model (``rlaif.pm.PreferenceModel`` fits)."""
+
+    def score(self, conversations: Sequence[Any], batch_size: int = 8) -> list[float]: ...
+
+
+@dataclass
+class PPOModels:
+    """The models of one PPO run."""
+
+    policy: Any
+    """Causal LM being trained (a peft model when LoRA is on)."""
+    tokenizer: Any
+    """The policy's tokenizer (chat template used for prompts)."""
+    ref: Any | None
+    """Frozen SL-CAI copy; None with LoRA: the policy with its adapters disabled is the reference."""
+    value: Any
+    """Value function: a PM-shaped module (``decoder()`` + ``head``) read at every answer position."""
+    scorer: Scorer
+    """The reward model (frozen)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    """PPO steps done in total (resumed ones included)."""
+    resumed_from: int
+    """Step the run resumed from (0: fresh start)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """The metrics of the steps run in this call."""
+
+
+# ------------------------------------------------------------------------------- sampling
+
+
+def prompt_schedule(n_prompts: int, batch: int, step: int, seed: int) -> list[int]:
+    """Prompt indices of PPO step ``step`` (1-based): consecutive slices of per-epoch shuffles."""
+    out: list[int] = []
+    start = (step - 1) * batch
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n_prompts)
+        order = list(range(n_prompts))
+        random.Random(f"ppo:{seed}:{epoch}").shuffle(order)
+        out += order[offset : offset + batch - len(out)]
+    return out
+
+
+def sample(
+    lm: HFLM, prompt_ids: list[list[int]], pc: PPOConfig, seeds: list[int]
+) -> tuple[Samples, list[str]]:
+    """Sample one answer per prompt; return the padded :class:`Samples` and the answer texts."""
+    params = GenerationParams(
+        max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, top_p=pc.top_p
+    )
+    results = lm.sample_ids(prompt_ids, params, seeds)
+    n, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+    tlen = max(1, max(len(t) for t, _ in results))
+    query = torch.full((n, width), lm.pad_id, dtype=torch.long)
+    qmask = torch.zeros((n, width), dtype=torch.long)
+    resp = torch.full((n, tlen), lm.pad_id, dtype=torch.long)
+    rmask = torch.zeros((n, tlen), dtype=torch.long)
+    truncated = torch.zeros(n, dtype=torch.bool)
+    texts = []
+    for i, (p, (toks, _reason)) in enumerate(zip(prompt_ids, results, strict=True)):
+        query[i, width - len(p) :] = torch.tensor(p)
+        qmask[i, width - len(p) :] = 1
+        resp[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        rmask[i, : len(toks)] = 1
+        ended = bool(toks) and toks[-1] in lm.eos_ids
+        truncated[i] = not ended
+        body = toks[:-1] if ended else toks
+        texts.append(str(lm.tokenizer.decode(body, skip_special_tokens=True)).strip())
+    dev = lm.device
+    samples = Samples(query.to(dev), qmask.to(dev), resp.to(dev), rmask.to(dev), truncated.to(dev))
+    return samples, texts
+
+
+# ------------------------------------------------------------------------------- forwards
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def policy_logprobs(
+    model: Any, s: Samples, temperature: float, entropy: bool | str = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[B, T]`` log-probs of the answer tokens; logits only on answer positions.
+
+    ``entropy``: also return per-token entropies, detached (True) or differentiable ("grad").
+    """
+    tlen = s.response_ids.shape[1]
+    am = s.attention_mask
+    out = model(
+        input_ids=s.input_ids,
+        attention_mask=am,
+        position_ids=_position_ids(am),
+        use_cache=False,
+        logits_to_keep=tlen + 1,
+    )
+    logits = out.logits[:, :-1].float() / temperature
+    lp = logprobs_from_logits(logits, s.response_ids)
+    ent = None
+    if entropy == "grad":
+        ent = entropy_from_logits(logits)
+    elif entropy:
+        with torch.no_grad():
+            ent = entropy_from_logits(logits)
+    return lp, ent
+
+
+def value_estimates(value: Any, s: Samples) -> torch.Tensor:
+    """``[B, T]``: V(prefix before answer token t), the head read on the decoder's hidden states."""
+    plen, tlen = s.query_ids.shape[1], s.response_ids.shape[1]
+    am = s.attention_mask
+    out = value.decoder()(
+        input_ids=s.input_ids, attention_mask=am, position_ids=_position_ids(am), use_cache=False
+    )
+    hidden = out.last_hidden_state[:, plen - 1 : plen + tlen - 1]
+    return value.head(hidden.float()).squeeze(-1)  # type: ignore[no-any-return]
+
+
+def _chunked(fn: Any, s: Samples, size: int) -> torch.Tensor:
+    parts = [fn(s.select(torch.arange(i, min(i + size, len(s))))) for i in range(0, len(s), size)]
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def make_rollout(
+    models: PPOModels,
+    s: Samples,
+    raw: list[float],
+    scores: list[float],
+    pc: PPOConfig,
+    beta: float,
+    amp: torch.dtype | None,
+) -> Rollout:
+    """Everything the update epochs need, from the samples and their (normalised) scores."""
+    dev = str(s.query_ids.device)
+    temp, size = pc.temperature, max(1, pc.batch_size)
+    with autocast(amp, dev):
+        old = _chunked(lambda c: policy_logprobs(models.policy, c, temp)[0], s, size)
+        if models.ref is not None:
+            ref = _chunked(lambda c: policy_logprobs(models.ref, c, temp)[0], s, size)
+        else:
+            with models.policy.disable_adapter():
+                ref = _chunked(lambda c: policy_logprobs(models.policy, c, temp)[0], s, size)
+        values = _chunked(lambda c: value_estimates(models.value, c), s, size)
+    mask = s.response_mask
+    m = mask.float()
+    old, ref, values = old * m, ref * m, values * m
+    kl = kl_per_token(old, ref, pc.kl_estimator) * m
+    score_t = torch.tensor(scores, dtype=torch.float32, device=old.device)
+    rewards = per_token_rewards(score_t, kl, mask, beta)
+    adv, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
+    if pc.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    raw_t = torch.tensor(raw, dtype=torch.float32, device=old.device)
+    return Rollout(s, old, ref, values, score_t, raw_t, kl, rewards, adv, returns)
+
+
+# ------------------------------------------------------------------------------- update
+
+
+def ppo_update(
+    models: PPOModels,
+    ro: Rollout,
+    optimizer: Any,
+    scheduler: Any,
+    pc: PPOConfig,
+    gen: torch.Generator,
+    amp: torch.dtype | None,
+    on_bad: Any,
+) -> dict[str, float]:
+    """``ppo_epochs`` passes of clipped policy + value updates; mean diagnostics over micro-batches."""
+    dev = str(ro.samples.query_ids.device)
+    mb_size = max(1, pc.batch_size * pc.grad_accum)
+    sums: dict[str, float] = {}
+    n = 0
+    for _ in range(pc.ppo_epochs):
+        for mb in ro.minibatches(mb_size, gen):
+            optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(mb), max(1, pc.batch_size)):
+                micro = mb.select(torch.arange(start, min(start + pc.batch_size, len(mb))))
+                with autocast(amp, dev):
+                    lp, ent = policy_logprobs(
+                        models.policy,
+                        micro.samples,
+                        pc.temperature,
+                        entropy="grad" if pc.entropy_coef else True,
+                    )
+                    v = value_estimates(models.value, micro.samples)
+                pg, st = ppo_policy_loss(
+                    lp, micro.logprobs, micro.advantages, micro.mask, pc.clip_eps
+                )
+                vf, vf_frac = clipped_value_loss(
+                    v, micro.values, micro.returns, micro.mask, pc.value_clip
+                )
+                assert ent is not None
+                ent_mean = masked_mean(ent, micro.mask)
+                loss = pg + pc.vf_coef * vf - pc.entropy_coef * ent_mean
+                on_bad(
+                    loss=float(loss.detach()),
+                    policy_loss=float(pg.detach()),
+                    value_loss=float(vf.detach()),
+                )
+                (loss * (len(micro) / len(mb))).backward()
+                for k, val in (
+                    ("policy_loss", float(pg)),
+                    ("value_loss", float(vf)),
+                    ("entropy", float(ent_mean)),
+                    ("approx_kl", st.approx_kl),
+                    ("clipfrac", st.clipfrac),
+                    ("vf_clipfrac", vf_frac),
+                ):
+                    sums[k] = sums.get(k, 0.0) + val
+                n += 1
+            gp = grad_norm(models.policy, pc.max_grad_norm)
+            gv = grad_norm(models.value, pc.max_grad_norm)
+            on_bad(grad_norm_policy=gp, grad_norm_value=gv)
+            sums["grad_norm_policy"] = sums.get("grad_norm_policy", 0.0) + gp * pc.grad_accum
+            sums["grad_norm_value"] = sums.get("grad_norm_value", 0.0) + gv * pc.grad_accum
+            optimizer.step()
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+def total_steps(n_prompts: int, pc: PPOConfig) -> int:
+    if pc.max_steps > 0:
+        return pc.max_steps
+    return max(1, math.ceil(pc.epochs * n_prompts / pc.rollout_batch_size))
+
+
+def calibrate_value_head(head: torch.nn.Linear, mean: float, std: float) -> None:
+    """Shift (and shrink) a PM head toward normalised scores: ``(w.h + b - mean) / max(std, 1)``.
+
+    The PM's mean score becomes 0, as the normalised reward's is. The scale is only ever reduced:
+    dividing by a small first-batch std would blow up the value of partial answers, which the PM
+    never saw in training.
+    """
+    scale = max(std, 1.0)
+    with torch.no_grad():
+        head.weight.div_(scale)
+        head.bias.sub_(mean).div_(scale)
+
+
+def train(
+    models: PPOModels,
+    prompts: list[Messages],
+    pc: PPOConfig,
+    *,
+    seed: int,
+    ckpt_root: Path,
+    metrics_path: Path,
+    backend: BackendConfig | None = None,
+    amp: torch.dtype | None = None,
+    fingerprint: str = "",
+) -> TrainResult:
+    """Run PPO to ``total_steps`` (resuming from the newest checkpoint under ``ckpt_root``)."""
+    from tqdm import tqdm
+
+    lm = HFLM.from_objects(models.policy, models.tokenizer, backend, name="policy")
+    max_prompt = max(8, pc.max_length - pc.max_new_tokens)
+    encoded = [lm.encode(m)[-max_prompt:] for m in prompts]
+    steps = total_steps(len(prompts), pc)
+    per_step = pc.ppo_epochs * math.ceil(
+        pc.rollout_batch_size / max(1, pc.batch_size * pc.grad_accum)
+    )
+    both = torch.nn.ModuleDict({"policy": models.policy, "value": models.value})
+    optimizer, scheduler = build_optimizer(both, pc, steps * per_step)
+    if pc.lr_schedule == "constant":
+        warm = max(1, round(pc.warmup_ratio * steps * per_step))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm))
+    kl_ctl: KLController = make_kl_controller(
+        pc.kl_coef, pc.adaptive_kl, pc.target_kl, pc.kl_horizon
+    )
+    moments = RunningMoments()
+    calibrated = False
+    start = 0
+    last = latest_checkpoint(ckpt_root)
+    if last is not None:
+        load_trainable(models.policy, last / "policy.safetensors")
+        load_trainable(models.value, last / "value.safetensors")
+        state = _load_trainer_state(last, optimizer=optimizer, scheduler=scheduler)
+        start = int(state["step"])
+        kl_ctl.value = float(state["beta"])
+        moments = RunningMoments.from_state(state["moments"])
+        calibrated = bool(state.get("value_calibrated", False))
+        log.info("ppo: resuming from %s (step %d of %d)", last, start, steps)
+    metrics = MetricsLog(metrics_path, resume_step=start if last is not None else None)
+    result = TrainResult(steps=start, resumed_from=start)
+    bar = tqdm(range(start + 1, steps + 1), desc="ppo", unit="step", initial=start, total=steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        torch.manual_seed(seed * 1_000_003 + step)
+        idx = prompt_schedule(len(prompts), pc.rollout_batch_size, step, seed)
+        seeds = [(seed * 1_000_003 + step) * 4099 + k for k in range(len(idx))]
+        samples, texts = sample(lm, [encoded[i] for i in idx], pc, seeds)
+        t_gen = time.perf_counter() - t0
+        convs = [
+            [*prompts[i], {"role": "assistant", "content": t}]
+            for i, t in zip(idx, texts, strict=True)
+        ]
+        raw = [float(x) for x in models.scorer.score(convs, batch_size=pc.pm_batch_size)]
+        bad = functools.partial(check_finite, step, "ppo", last)
+        bad(reward=sum(raw))
+        scores = raw
+        if pc.normalize_reward:
+            moments.update(raw)
+            scores = moments.normalize(raw)
+            if pc.value_from_pm and not calibrated:
+                calibrate_value_head(models.value.head, moments.mean, moments.std)
+            calibrated = True
+        trunc = samples.truncated.tolist()
+        scores = [s - pc.truncation_penalty * float(t) for s, t in zip(scores, trunc, strict=True)]
+        ro = make_rollout(models, samples, raw, scores, pc, kl_ctl.value, amp)
+        seq_kl = float(ro.kl.sum(1).mean())
+        bad(kl=seq_kl)
+        gen = torch.Generator().manual_seed(seed * 7919 + step)
+        stats = ppo_update(models, ro, optimizer, scheduler, pc, gen, amp, bad)
+        beta_used = kl_ctl.value
+        kl_ctl.update(seq_kl, len(idx))
+        row = {
+            "reward": sum(raw) / len(raw),
+            "score": float(ro.scores.mean()),
+            "kl": seq_kl,
+            "beta": beta_used,
+            "explained_variance": explained_variance(ro.values, ro.returns, ro.mask),
+            "response_length": float(samples.response_lengths.float().mean()),
+            "truncated": sum(trunc) / len(trunc),
+            "lr": float(scheduler.get_last_lr()[0]),
+            **stats,
+            "gen_s": t_gen,
+            "step_s": time.perf_counter() - t0,
+            "episodes": step * pc.rollout_batch_size,
+        }
+        if (step % max(1, pc.log_every) == 0) or step == steps:
+            metrics.log(step, **row)
+        result.history.append(row)
+        result.steps = step
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{seq_kl:.2f}", beta=f"{beta_used:.3f}")
+        if step % max(1, pc.save_every) == 0 or step == steps:
+            state = {
+                "fingerprint": fingerprint,
+                "beta": kl_ctl.value,
+                "moments": moments.state(),
+                "value_calibrated": calibrated,
+            }
+            last = save_ppo_checkpoint(
+                ckpt_root, step, models, optimizer, scheduler, state, pc.keep_checkpoints
+            )
+    bar.close()
+    return result

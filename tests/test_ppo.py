@@ -1,0 +1,276 @@
+"""`rlaif ppo`: learning on a known reward, CLI run, exact resume after a crash, NaN stop."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rlaif.checkpoint import list_checkpoints
+from rlaif.config import PPOConfig
+from rlaif.errors import TrainingDiverged
+from rlaif.metrics import read_metrics
+from rlaif.modelio import load_causal_lm
+from rlaif.pm import PreferenceModel, new_pm
+from rlaif.stages import ppo_loop
+from rlaif.stages.ppo import load_trainable
+from rlaif.stages.ppo_loop import PPOModels, train
+
+HH = Path(__file__).parent / "fixtures" / "hh-rlhf-60.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny models gain nothing from threads; on a busy 2-core box, thread contention costs 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class TargetTokenReward:
+    """A known reward: the share of answer tokens whose id is a multiple of 8 (~1/8 of the vocab)."""
+
+    def __init__(self, tokenizer: Any, fail_at_call: int = 0, fail: str = "") -> None:
+        self.tok = tokenizer
+        self.calls = 0
+        self.fail_at_call, self.fail = fail_at_call, fail
+
+    def score(self, conversations: Any, batch_size: int = 8) -> list[float]:
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            if self.fail == "crash":
+                raise RuntimeError("killed")
+            return [math.nan] * len(conversations)
+        out = []
+        for conv in conversations:
+            ids = self.tok(conv[-1]["content"], add_special_tokens=False)["input_ids"]
+            out.append(sum(1 for i in ids if i % 8 == 0) / max(len(ids), 1))
+        return out
+
+
+def prompts() -> list[list[dict[str, str]]]:
+    from rlaif.data.prompts import load_prompts
+
+    return [p.messages for p in load_prompts(HH, first_turn_only=True)]
+
+
+def tiny_models(model_dir: Path, scorer: Any = None) -> PPOModels:
+    torch.manual_seed(0)
+    policy, tok = load_causal_lm(model_dir)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    value_lm, _ = load_causal_lm(model_dir)
+    value = PreferenceModel(value_lm, tok)
+    return PPOModels(policy, tok, ref, value, scorer or TargetTokenReward(tok))
+
+
+SMALL = PPOConfig(
+    max_steps=4,
+    rollout_batch_size=4,
+    batch_size=2,
+    ppo_epochs=2,
+    max_new_tokens=6,
+    max_length=40,
+    lr=1e-3,
+    save_every=1,
+    dtype="float32",
+)
+
+
+def test_ppo_raises_a_known_reward_with_kl_near_target(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    models = tiny_models(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in models.policy.named_parameters()}
+    target = 6.0
+    pc = PPOConfig(
+        max_steps=16,
+        rollout_batch_size=32,
+        batch_size=16,
+        ppo_epochs=4,
+        max_new_tokens=10,
+        max_length=48,
+        lr=5e-3,
+        lr_schedule="constant",
+        kl_coef=0.3,
+        adaptive_kl=True,
+        target_kl=target,
+        kl_horizon=400,
+        truncation_penalty=0.0,
+        save_every=100,
+        dtype="float32",
+    )
+    res = train(
+        models, prompts(), pc, seed=0, ckpt_root=tmp_path / "ck", metrics_path=tmp_path / "m.jsonl"
+    )
+    h = res.history
+    first = sum(r["reward"] for r in h[:4]) / 4
+    last = sum(r["reward"] for r in h[-4:]) / 4
+    assert first < 0.15  # about 1/8 of tokens hit the target set at the start
+    assert last > 2.0 * first and last > 0.2, (first, last)
+    kls = [r["kl"] for r in h]
+    assert sum(kls[-4:]) / 4 < 1.5 * target and max(kls) < 2 * target, kls
+    # the controller lowers beta while KL is under target and raises it once KL passes it
+    betas = [r["beta"] for r in h]
+    assert min(betas) < pc.kl_coef and betas[-1] > min(betas)
+    # the value function learns (its loss falls) and the policy's weights moved
+    assert h[-1]["value_loss"] < h[0]["value_loss"]
+    moved = [not torch.equal(before[n], p) for n, p in models.policy.named_parameters()]
+    assert all(moved)
+    rows = read_metrics(tmp_path / "m.jsonl")
+    assert len(rows) == 16
+    for key in (
+        "reward",
+        "kl",
+        "beta",
+        "entropy",
+        "approx_kl",
+        "clipfrac",
+        "value_loss",
+        "explained_variance",
+        "response_length",
+    ):
+        assert key in rows[0]
+
+
+def test_killed_run_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    full = train(
+        tiny_models(tiny_model_dir),
+        prompts(),
+        SMALL,
+        seed=3,
+        ckpt_root=tmp_path / "a" / "ck",
+        metrics_path=tmp_path / "a" / "m.jsonl",
+    )
+    m = tiny_models(tiny_model_dir)
+    m.scorer = TargetTokenReward(m.tokenizer, fail_at_call=3, fail="crash")
+    with pytest.raises(RuntimeError, match="killed"):
+        train(
+            m,
+            prompts(),
+            SMALL,
+            seed=3,
+            ckpt_root=tmp_path / "b" / "ck",
+            metrics_path=tmp_path / "b" / "m.jsonl",
+        )
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "ck")] == [1, 2]
+    again = train(
+        tiny_models(tiny_model_dir),
+        prompts(),
+        SMALL,
+        seed=3,
+        ckpt_root=tmp_path / "b" / "ck",
+        metrics_path=tmp_path / "b" / "m.jsonl",
+    )
+    assert again.resumed_from == 2
+    a, b = read_metrics(tmp_path / "a" / "m.jsonl"), read_metrics(tmp_path / "b" / "m.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("reward", "kl", "beta", "response_length"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    assert full.history[-1]["reward"] == pytest.approx(again.history[-1]["reward"], abs=1e-6)
+
+
+@pytest.mark.parametrize("where", ["reward", "loss"])
+def test_nan_stops_with_last_good_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    m = tiny_models(tiny_model_dir)
+    if where == "reward":
+        m.scorer = TargetTokenReward(m.tokenizer, fail_at_call=3, fail="nan")
+    else:
+        real = ppo_loop.ppo_policy_loss
+        calls = {"n": 0}
+
+        def poisoned(*args: Any, **kw: Any) -> Any:
+            calls["n"] += 1
+            loss, st = real(*args, **kw)
+            # 2 epochs x 2 micro-batches per step: call 9 is the first of step 3
+            return (loss * math.inf if calls["n"] == 9 else loss), st
+
+        monkeypatch.setattr(ppo_loop, "ppo_policy_loss", poisoned)
+    ck = tmp_path / "ck"
+    with pytest.raises(
+        TrainingDiverged, match=r"step 3 .*last good checkpoint kept: .*step-000002"
+    ):
+        train(m, prompts(), SMALL, seed=0, ckpt_root=ck, metrics_path=tmp_path / "m.jsonl")
+    assert [s for s, _ in list_checkpoints(ck)] == [1, 2]
+    good = list_checkpoints(ck)[-1][1]
+    assert json.loads((good / "state.json").read_text())["step"] == 2
+    fresh = tiny_models(tiny_model_dir)
+    load_trainable(fresh.policy, good / "policy.safetensors")
+    load_trainable(fresh.value, good / "value.safetensors")
+    for p in fresh.policy.parameters():
+        assert torch.isfinite(p).all()
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1, 2]
+
+
+def test_cli_ppo_run_writes_model_manifest_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from rlaif.cli import main
+
+    pm_dir = tmp_path / "pm"
+    new_pm(tiny_model_dir).save_pretrained(pm_dir)
+    run_dir = tmp_path / "run"
+    args = [
+        "ppo",
+        f"run_dir={run_dir}",
+        f"ppo.policy={tiny_model_dir}",
+        f"ppo.pm={pm_dir}",
+        f"ppo.prompts={HH}",
+        f"ppo.helpful_prompts={tmp_path / 'helpful.txt'}",
+        "ppo.helpful_limit=2",
+        "ppo.max_steps=2",
+        "ppo.rollout_batch_size=4",
+        "ppo.batch_size=2",
+        "ppo.ppo_epochs=1",
+        "ppo.max_new_tokens=6",
+        "ppo.max_length=40",
+        "ppo.dtype=float32",
+        "ppo.lora=true",
+        "ppo.lora_r=4",
+    ]
+    (tmp_path / "helpful.txt").write_text("How do I brew coffee?\nWhat grind for espresso?\n")
+    assert main(args) == 0
+    load_causal_lm(run_dir / "rl")  # a plain model directory (LoRA merged)
+    man = json.loads((run_dir / "manifests" / "ppo.json").read_text())
+    assert man["steps"] == 2 and man["prompts"] == {"red_team": 60, "helpful": 2}
+    rows = read_metrics(run_dir / "metrics" / "ppo.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["kl"]) for r in rows)
+    # a second run with the same config and inputs has nothing to do
+    mtime = (run_dir / "rl" / "model.safetensors").stat().st_mtime
+    assert main(args) == 0
+    assert (run_dir / "rl" / "model.safetensors").stat().st_mtime == mtime
+    # a bad setting is one line, exit 2
+    assert main([*args, "ppo.temperature=0"]) == 2
+
+
+def test_ppo_config_rejects_bad_values() -> None:
+    from rlaif.errors import UserError
+    from rlaif.stages.ppo import check_config
+
+    with pytest.raises(UserError, match=r"ppo\.clip_eps"):
+        check_config(replace(PPOConfig(), clip_eps=0.0))
+
+
+def test_rollout_sampling_is_seeded_per_row(tiny_model_dir: Path) -> None:
+    from rlaif.backends.base import GenerationParams
+    from rlaif.backends.hf import HFLM
+
+    model, tok = load_causal_lm(tiny_model_dir)
+    lm = HFLM.from_objects(model, tok)
+    rows = [
+        lm.encode([{"role": "user", "content": q}]) for q in ("Hi there", "How do I bake bread?")
+    ]
+    params = GenerationParams(max_new_tokens=5, temperature=1.0)
+    both = lm.sample_ids(rows, params, seeds=[11, 22])
+    alone = lm.sample_ids(rows[1:], params, seeds=[22])
+    assert both[1] == alone[0]  # a row's draws do not depend on its batch mates
+    assert all(len(toks) <= 5 and reason in ("stop", "length") for toks, reason in both)
+    assert lm.sample_ids(rows, params, seeds=[11, 22]) == both
