@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ray]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -31,7 +31,7 @@ test-slow: setup
 
 demo: setup
 	$(BIN)/rlaif models pull smollm2-135m
-	$(BIN)/rlaif revise configs/demo.yaml
+	$(BIN)/rlaif run configs/demo.yaml
 
 bench: setup
 	$(PY) benchmarks/roofline.py

@@ -77,3 +77,18 @@ def test_literal_checked() -> None:
 def test_override_syntax() -> None:
     with pytest.raises(UserError, match="expected key=value"):
         load_config(None, ["=3"])
+
+
+def test_config_reference_is_current() -> None:
+    from rlaif.configspec import reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == reference_markdown(RunConfig), (
+        "docs/config.md is stale: regenerate it with `python -m rlaif.config > docs/config.md`"
+    )
+
+
+def test_float_in_exponent_form() -> None:
+    assert load_config(None, ["sft.lr=1e-3"]).sft.lr == 0.001
+    with pytest.raises(UserError, match=r"'sft\.lr' must be float"):
+        load_config(None, ["sft.lr=fast"])

@@ -6,6 +6,7 @@ other commands receive their own argv.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -29,6 +30,58 @@ class Command:
 
 
 COMMANDS: list[Command] = [
+    Command(
+        "revise",
+        "stage 1: answer red-team prompts, then critique and revise the answers",
+        "rlaif.stages.revise:run",
+        "revise",
+    ),
+    Command(
+        "constitution", "show or validate a constitution (YAML/JSON)", "rlaif.constitution_cli:main"
+    ),
+    Command(
+        "sft",
+        "stage 2: fine-tune the model on its revisions (SL-CAI)",
+        "rlaif.stages.sft:run",
+        "sft",
+    ),
+    Command(
+        "label",
+        "stage 3: AI-feedback preference labels on pairs of the SL-CAI model's answers",
+        "rlaif.stages.label:run",
+        "label",
+    ),
+    Command(
+        "eval-labeler",
+        "agreement of the AI labeller with human labels: FILE [model=...] [limit=N] [key=value ...]",
+        "rlaif.stages.eval_labeler:main",
+    ),
+    Command(
+        "ppo", "stage 5: PPO against the preference model (RLAIF)", "rlaif.stages.ppo:run", "ppo"
+    ),
+    Command(
+        "reward",
+        "stage 4: preference model (Stack Exchange PMP, then soft labels); also pmp-data, eval",
+        "rlaif.stages.reward:main",
+    ),
+    Command(
+        "dpo",
+        "stage 5': DPO on the AI-labelled preferences (RL-free)",
+        "rlaif.stages.dpo:run",
+        "dpo",
+    ),
+    Command(
+        "evaluate",
+        "stage 6: Elo for harmlessness and helpfulness across checkpoints, report.md with plots",
+        "rlaif.stages.evaluate:run",
+        "evaluate",
+    ),
+    Command(
+        "run",
+        "the whole pipeline: revise, sft, label, reward, ppo, dpo, evaluate (skips what is done)",
+        "rlaif.stages.pipeline:run",
+        "*",
+    ),
     Command(
         "models", "pull or list models in the local cache ($RLAIF_HOME)", "rlaif.models_cli:main"
     ),
@@ -60,9 +113,13 @@ def stage_help(cmd: Command) -> str:
     from rlaif.configspec import describe
 
     rows = describe(RunConfig)
-    if cmd.section:
-        section_cls = type(getattr(RunConfig(), cmd.section))
-        rows += describe(section_cls, prefix=f"{cmd.section}.")
+    defaults = RunConfig()
+    sections = [cmd.section] if cmd.section and cmd.section != "*" else []
+    if cmd.section == "*":
+        sections = [f.name for f in dataclasses.fields(RunConfig) if f.name != "backend"]
+        sections = [s for s in sections if dataclasses.is_dataclass(getattr(defaults, s))]
+    for name in ["backend", *sections]:
+        rows += describe(type(getattr(defaults, name)), prefix=f"{name}.")
     out = [
         f"usage: rlaif {cmd.name} [CONFIG.yaml] [key.sub=value ...]",
         "",

@@ -109,6 +109,11 @@ def coerce(value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
         raise _Mismatch
     if tp is str:
         if isinstance(value, str):
@@ -231,7 +236,9 @@ def load_yaml_mapping(path: Path) -> tuple[dict[str, Any], str]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # Where the broken construct starts (an unclosed bracket, a key missing its colon) is
+        # more useful than where the parser gave up, which can be the end of the file.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise UserError(f"{path}{line}: invalid YAML: {problem}") from None
@@ -255,3 +262,35 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         default = getattr(defaults, f.name)
         rows.append((f"{prefix}{f.name}", type_name(tp), repr(to_dict(default)), docs[f.name]))
     return rows
+
+
+def reference_markdown(root: type) -> str:
+    """The config reference as Markdown: one table per section, generated from the dataclasses."""
+    out = [
+        "# Config reference",
+        "",
+        "Generated from `rlaif.config` (`python -m rlaif.config`).",
+        "",
+    ]
+    defaults = root()
+    sections: list[tuple[str, type]] = [("", root)]
+    for f in dataclasses.fields(root):  # type: ignore[arg-type]
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            sections.append((f.name, type(value)))
+    for name, cls in sections:
+        title = f"`{name}`" if name else "top level"
+        doc = " ".join((cls.__doc__ or "").split())
+        out += [
+            f"## {title}",
+            "",
+            doc,
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for key, tp, default, text in describe(cls, prefix=f"{name}." if name else ""):
+            cell = default.replace("|", "\\|")
+            out.append(f"| `{key}` | {tp.replace('|', 'or')} | `{cell}` | {text} |")
+        out.append("")
+    return "\n".join(out)

@@ -64,7 +64,7 @@ def hash_inputs(inputs: dict[str, Path | str]) -> dict[str, str]:
     """sha256 of each input file (or of the text for non-path inputs)."""
     out: dict[str, str] = {}
     for name, item in inputs.items():
-        p = Path(item) if not isinstance(item, str) or Path(item).exists() else None
+        p = Path(item) if item != "" and Path(item).exists() else None
         if p is not None and p.is_file():
             out[name] = sha256_file(p)
         elif p is not None and p.is_dir():
