@@ -130,3 +130,13 @@ def check_finite(step: int, stage: str, last_good: Path | None, **values: float)
         what = ", ".join(f"{k}={v}" for k, v in bad.items())
         kept = f"; last good checkpoint kept: {last_good}" if last_good else ""
         raise TrainingDiverged(f"{stage}: non-finite value at step {step} ({what}){kept}")
+
+
+def save_model_dir(out: Path, model: Any, tokenizer: Any) -> Path:
+    """Publish a finished model directory (safetensors + tokenizer) atomically at ``out``."""
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(out, build)

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlaif.checkpoint import atomic_dir
+from rlaif.checkpoint import save_model_dir
 from rlaif.errors import TrainingDiverged, UserError
 from rlaif.manifest import fingerprint, hash_inputs, read_manifest, scrub, write_manifest
 from rlaif.metrics import MetricsLog
@@ -234,11 +234,7 @@ def run(cfg: RunConfig) -> Path:
 
     final = merged_for_saving(trainer.model)
 
-    def build(tmp: Path) -> None:
-        final.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-
-    atomic_dir(out, build)
+    save_model_dir(out, final, tok)
     history = [h for h in trainer.state.log_history if "loss" in h]
     write_manifest(
         manifest_path,

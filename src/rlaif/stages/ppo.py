@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlaif.checkpoint import atomic_dir, latest_checkpoint, list_checkpoints
+from rlaif.checkpoint import atomic_dir, latest_checkpoint, list_checkpoints, save_model_dir
 from rlaif.errors import UserError
 from rlaif.manifest import fingerprint, hash_inputs, read_manifest, scrub, write_manifest
 
@@ -265,11 +265,7 @@ def run(cfg: RunConfig) -> Path:
     )
     final = merged_for_saving(models.policy)
 
-    def build(tmp: Path) -> None:
-        final.save_pretrained(tmp, safe_serialization=True)
-        models.tokenizer.save_pretrained(tmp)
-
-    atomic_dir(out, build)
+    save_model_dir(out, final, models.tokenizer)
     hist = result.history
     summary = (
         {k: [round(h[k], 4) for h in (hist[0], hist[-1])] for k in ("reward", "kl")} if hist else {}

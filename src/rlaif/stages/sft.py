@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlaif.checkpoint import (
-    atomic_dir,
     check_finite,
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
+    save_model_dir,
 )
 from rlaif.errors import UserError
 from rlaif.manifest import fingerprint, hash_inputs, read_manifest, scrub, write_manifest
@@ -262,11 +262,7 @@ def run(cfg: RunConfig) -> Path:
     final = merged_for_saving(model)
     final_dtype = next(final.parameters()).dtype
 
-    def build(tmp: Path) -> None:
-        final.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-
-    atomic_dir(out, build)
+    save_model_dir(out, final, tok)
     counts = Counter(ex.source.split(":")[0] for ex in examples)
     write_manifest(
         manifest_path,
