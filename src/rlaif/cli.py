@@ -57,12 +57,12 @@ COMMANDS: list[Command] = [
         "rlaif.stages.eval_labeler:main",
     ),
     Command(
-        "ppo", "stage 5: PPO against the preference model (RLAIF)", "rlaif.stages.ppo:run", "ppo"
-    ),
-    Command(
         "reward",
         "stage 4: preference model (Stack Exchange PMP, then soft labels); also pmp-data, eval",
         "rlaif.stages.reward:main",
+    ),
+    Command(
+        "ppo", "stage 5: PPO against the preference model (RLAIF)", "rlaif.stages.ppo:run", "ppo"
     ),
     Command(
         "dpo",
