@@ -17,17 +17,6 @@ from rlaif.stages.dpo import complete_checkpoint, prepare_pairs
 LABELS = [0.9, 0.15, 0.5, 0.7]  # kept, kept after a swap, dropped (near 0.5), kept
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models train faster on one thread, and the shared test machine is often busy."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_preferences(run_dir: Path, fixtures: Path, n: int = 24) -> None:
     """A preferences.jsonl in the label stage's format: real hh-rlhf answers, soft labels.
 

@@ -25,15 +25,6 @@ from rlaif.stages.ppo_loop import PPOModels, train
 HH = Path(__file__).parent / "fixtures" / "hh-rlhf-60.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models gain nothing from threads; on a busy 2-core box, thread contention costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TargetTokenReward:
     """A known reward: the share of answer tokens whose id is a multiple of 8 (~1/8 of the vocab)."""
 

@@ -32,17 +32,6 @@ from rlaif.sft_data import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models train faster on one thread, and the shared test machine is often busy."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_run_inputs(run_dir: Path, fixtures: Path, n: int = 16, n_helpful: int = 8) -> None:
     """revisions.jsonl / helpful.jsonl in the revise stage's format, built from real hh-rlhf text."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -244,11 +244,14 @@ class HFLM:
     # ---- generation ----------------------------------------------------------------------
 
     def generate(
-        self, conversations: Sequence[Conversation], params: GenerationParams
+        self,
+        conversations: Sequence[Conversation],
+        params: GenerationParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """Complete every conversation; results in input order."""
+        """Complete every conversation; results in input order (``seeds`` as in sample_ids)."""
         prompts = [self.encode(c) for c in conversations]
-        results = self.sample_ids(prompts, params)
+        results = self.sample_ids(prompts, params, seeds)
         return [
             Generation(
                 text=self._finish_text(toks, params.stop),

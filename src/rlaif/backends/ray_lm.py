@@ -119,18 +119,8 @@ class Replica:
             return list(self.lm.generate(conversations, params))
         lm = self.lm
         base = params.seed if params.seed is not None else 0
-        prompts = [lm.encode(c) for c in conversations]
-        seeds = [base * SEED_STRIDE + offset + j for j in range(len(prompts))]
-        outs = lm.sample_ids(prompts, params, seeds)
-        return [
-            Generation(
-                text=lm._finish_text(toks, params.stop),
-                prompt_tokens=len(p),
-                completion_tokens=len(toks),
-                finish_reason=reason,
-            )
-            for p, (toks, reason) in zip(prompts, outs, strict=True)
-        ]
+        seeds = [base * SEED_STRIDE + offset + j for j in range(len(conversations))]
+        return lm.generate(conversations, params, seeds)  # type: ignore[no-any-return]
 
     def choice_logprobs(
         self, prompts: Sequence[Conversation], choices: Sequence[Sequence[str]]
