@@ -18,7 +18,6 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +192,3 @@ def run(cfg: RunConfig) -> Path:
     _write_ledger(run_dir, ledger)
     report = run_dir / "report.md"
     return report if report.exists() and "evaluate" in names else result
-
-
-def clean_stale(run_dir: Path) -> None:
-    shutil.rmtree(Path(run_dir) / ".stale", ignore_errors=True)
