@@ -114,6 +114,31 @@ def run_variant(
     raise ValueError(name)
 
 
+def prompt_tokens(model_dir: str, prompts: list[Any]) -> int:
+    """Prompt tokens as every variant feeds them (chat template, no extra special tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [
+        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    return sum(len(tok(str(t), add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def fp32_floor_s(model_dir: str, n_prompt: int, n_new: int, fp32_gflops: float) -> float:
+    """Seconds the weight matmuls alone take at the fp32 roofline: a lower bound for any exact
+    (fp32) generation of these tokens. A prompt token costs 2 x the non-embedding parameters
+    (no logits), a new token 2 x all of them (the LM head included); attention is left out."""
+    import json as _json
+
+    cfg = _json.loads((Path(model_dir) / "config.json").read_text())
+    total = param_count(model_dir)
+    embed = int(cfg["vocab_size"]) * int(cfg["hidden_size"])  # = the LM head's matmul size
+    body = total - embed - (0 if cfg.get("tie_word_embeddings") else embed)
+    flop = 2 * body * n_prompt + 2 * (body + embed) * n_new
+    return flop / (fp32_gflops * 1e9)
+
+
 def param_count(model_dir: str) -> int:
     from safetensors import safe_open
 
@@ -191,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     figures["dtype"] = results[main_name].get("dtype", "float32")
     figures["peak_rss_mb"] = round(results[main_name]["peak_rss_mb"], 0)
     figures["roofline_tok_s"] = round(roof_tok_s, 0)
+    if base is not None:
+        n_prompt = prompt_tokens(model_dir, prompts)
+        floor = fp32_floor_s(model_dir, n_prompt, base["new_tokens"], roof["fp32_gflops"])
+        figures["fp32_floor_s"] = round(floor, 1)
+        figures["fp32_max_speedup"] = round(base["seconds"] / floor, 1)
+        figures["prompt_tokens"] = n_prompt
     figures["roofline_share"] = round(results[main_name]["tok_s"] / roof_tok_s, 3)
     details = {
         "prompts": len(prompts),

@@ -269,6 +269,14 @@ def run_child(
     return json.loads(lines[-1][len("CHILD ") :])
 
 
+def _auto_is_fp32() -> bool:
+    """Whether ``dtype: auto`` resolves to no autocast on this CPU (the probe picks float32)."""
+    from rlaif.config import PPOConfig
+    from rlaif.train_common import autocast_dtype
+
+    return autocast_dtype(PPOConfig(dtype="auto"), "cpu") is None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--episodes", type=int, default=64)
@@ -305,12 +313,17 @@ def main() -> int:
         info = prepare(work, model_dir, a.episodes)
         runs: dict[str, dict[str, Any]] = {}
         for dt in a.ours_dtypes.split(","):
+            if dt == "auto" and _auto_is_fp32() and "float32" in a.ours_dtypes.split(","):
+                print("ours auto: the probe picks float32 here, the float32 run stands for it")
+                continue
             a.dtype = dt
             runs[dt] = run_child(sys.executable, "ours", work, model_dir, a)
+            print(f"ours {dt}: {json.dumps(runs[dt])}", flush=True)
         a.dtype = "float32"
         trl: dict[str, Any] | None = None
         if not a.skip_trl:
             trl = run_child(str(ensure_trl_venv()), "trl", work, model_dir, a)
+            print(f"trl: {json.dumps(trl)}", flush=True)
     figures: dict[str, Any] = {}
     for dt, ours in runs.items():
         sfx = "" if dt == "float32" else f"_{dt}"

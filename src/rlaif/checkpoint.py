@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.errors import TrainingDiverged
-from rlaif.store import ensure_dir, fsync_dir
+from rlaif.store import ensure_dir, fsync_dir, remove_stale_temps
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -36,9 +36,13 @@ def _fsync_tree(root: Path) -> None:
 
 
 def atomic_dir(final: Path, build: Any) -> Path:
-    """Call ``build(tmp_dir)`` then move ``tmp_dir`` to ``final`` (replacing it) atomically."""
+    """Call ``build(tmp_dir)`` then move ``tmp_dir`` to ``final`` (replacing it) atomically.
+
+    Temp directories that a kill left behind from an earlier build of ``final`` are removed first.
+    """
     final = Path(final)
     ensure_dir(final.parent)
+    remove_stale_temps(final, dirs=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         build(tmp)

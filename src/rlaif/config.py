@@ -116,7 +116,8 @@ class TrainingConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no limit beyond epochs)."""
     batch_size: int = 8
-    """Examples per micro-batch."""
+    """Examples per micro-batch, per process: under `accelerate launch` the global batch is this
+    times the process count (docs/cluster.md)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 1e-5
@@ -217,6 +218,8 @@ class RewardConfig(TrainingConfig):
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     max_pass_tokens: int = 2048
     """Most padded tokens in one forward/backward pass; bigger batches are split (same gradients, less memory; 0: never)."""
+    pack_pairs: bool = True
+    """Run each pair's shared prompt once: one row [prompt | chosen | rejected] with a block attention mask (same rewards and gradients, fewer tokens); false: two right-padded rows per pair (for attention kernels without custom masks, e.g. flash-attention 2)."""
     eval_batch_size: int = 16
     """Conversations per forward pass when scoring held-out pairs."""
     keep_checkpoints: int = 2

@@ -8,22 +8,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlaif.store import ensure_dir
+from rlaif.store import atomic_write_text, ensure_dir
 
 
 class MetricsLog:
-    """Append-only metrics file; a resumed run drops rows past the step it resumes from."""
+    """Append-only metrics file; a resumed run drops rows past the step it resumes from.
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    ``active=False`` (the non-main processes of a data-parallel run) touches no file.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, active: bool = True) -> None:
         self.path = Path(path)
+        self.active = active
+        if not active:
+            return
         ensure_dir(self.path.parent)
         if resume_step is not None and self.path.exists():
             keep = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            # atomic: a kill while trimming leaves the old file, never a truncated one
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 
     def log(self, step: int, **values: Any) -> None:
+        if not self.active:
+            return
         row: dict[str, Any] = {"step": step, "time": round(time.time(), 3)}
         for k, v in values.items():
             val = float(v) if hasattr(v, "__float__") and not isinstance(v, bool | str) else v

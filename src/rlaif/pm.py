@@ -74,13 +74,26 @@ class PreferenceModel(torch.nn.Module):
         lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         return getattr(lm, lm.base_model_prefix)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        read_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rewards, shape (B,), float32, read at the last real token of each row (any padding side).
 
         With right padding (what :meth:`collate` builds) no mask is passed at all: under causal
         attention a real token never sees the pads after it, and without a mask the attention
         runs as a fused causal kernel instead of materialising (B, heads, T, T) scores.
+
+        Packed pairs (:func:`rlaif.pair_packing.pack_pairs`): a 4-D ``attention_mask`` with its
+        ``position_ids`` and ``read_at`` (B, 2) gives rewards of shape (B, 2), chosen then rejected.
         """
+        if attention_mask.dim() == 4:
+            if position_ids is None or read_at is None:
+                raise ValueError("a 4-D attention mask needs position_ids and read_at")
+            return self._packed_forward(input_ids, attention_mask, position_ids, read_at)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         lengths = attention_mask.long().sum(dim=1)
         right_padded = bool(torch.equal(attention_mask.bool(), pos[None, :] < lengths[:, None]))
@@ -91,6 +104,43 @@ class PreferenceModel(torch.nn.Module):
         h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         with torch.autocast(device_type=h_last.device.type, enabled=False):
             return self.head(h_last.float()).squeeze(-1)  # the head always runs in fp32
+
+    def _packed_forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        read_at: torch.Tensor,
+    ) -> torch.Tensor:
+        impl = str(getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa")
+        if impl not in ("sdpa", "flex_attention"):  # eager kernels add a float mask to the scores
+            dtype = next(self.decoder().parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min
+            )
+        out = self.decoder()(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = out.last_hidden_state  # (B, T, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        h = hidden[rows, read_at]  # (B, 2, H)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.head(h.float()).squeeze(-1)
+
+    def collate_pairs(
+        self, chosen: Sequence[list[int]], rejected: Sequence[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed ``(input_ids, mask, position_ids, read_at)`` of pairs, on the model's device."""
+        from rlaif.pair_packing import pack_pairs
+
+        packed = pack_pairs(chosen, rejected, int(self.tokenizer.pad_token_id or 0))
+        dev = self.head.weight.device
+        return (
+            packed.input_ids.to(dev),
+            packed.attention_mask.to(dev),
+            packed.position_ids.to(dev),
+            packed.read_at.to(dev),
+        )
 
     # ------------------------------------------------------------------ tokens
 

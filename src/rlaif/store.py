@@ -50,10 +50,38 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def remove_stale_temps(final: Path, *, dirs: bool = False) -> None:
+    """Remove the temp files (or, with ``dirs``, directories) of earlier atomic writes of ``final``
+    that a kill interrupted: ``.NAME.XXXXXXXX.tmp`` files, ``.NAME.XXXXXXXX`` and ``.NAME.old``
+    directories (the names :func:`atomic_write_bytes` and ``checkpoint.atomic_dir`` use)."""
+    import re
+    import shutil
+
+    final = Path(final)
+    tail = r"([a-z0-9_]{8}|old)" if dirs else r"[a-z0-9_]{8}\.tmp"
+    stale = re.compile(rf"\.{re.escape(final.name)}\.{tail}")
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not stale.fullmatch(entry.name):
+            continue
+        if dirs and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif not dirs and entry.is_file():
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, then rename."""
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, then rename.
+
+    Temp files that a kill left behind from earlier writes of ``path`` are removed first.
+    """
     path = Path(path)
     ensure_dir(path.parent)
+    remove_stale_temps(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:

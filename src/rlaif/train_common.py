@@ -26,9 +26,12 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_optimizer_steps(n_examples: int, cfg: TrainingConfig) -> int:
-    """Optimizer steps implied by ``epochs`` (and capped by ``max_steps`` when set)."""
-    per_epoch = max(1, math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum)))
+def total_optimizer_steps(n_examples: int, cfg: TrainingConfig, world: int = 1) -> int:
+    """Optimizer steps implied by ``epochs`` (and capped by ``max_steps`` when set).
+
+    ``world``: data-parallel processes, each taking ``batch_size`` examples per micro-batch.
+    """
+    per_epoch = max(1, math.ceil(n_examples / (cfg.batch_size * world * cfg.grad_accum)))
     steps = max(1, math.ceil(per_epoch * cfg.epochs))
     return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
 

@@ -73,19 +73,31 @@ def prepare_pairs(
 
 
 def complete_checkpoint(root: Path) -> Path | None:
-    """The newest ``checkpoint-N`` holding trainer_state.json; partial ones (a kill mid-save) are removed."""
+    """The newest ``checkpoint-N`` holding a readable trainer_state.json; partial ones (a kill
+    mid-save, trainer_state.json included: the Trainer writes it in place) are removed."""
     if not root.is_dir():
         return None
     found: list[tuple[int, Path]] = []
     for child in root.iterdir():
         name, _, num = child.name.partition("-")
         if child.is_dir() and name == "checkpoint" and num.isdigit():
-            if (child / _STATE).is_file():
+            if _saved_step(child) is not None:
                 found.append((int(num), child))
             else:
                 log.warning("dpo: removing incomplete checkpoint %s", child)
                 shutil.rmtree(child, ignore_errors=True)
     return max(found)[1] if found else None
+
+
+def _saved_step(ckpt: Path) -> int | None:
+    """The step of a ``checkpoint-N`` whose trainer_state.json reads; None when missing or torn."""
+    try:
+        state = json.loads((ckpt / _STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    return int(state.get("global_step", ckpt.name.partition("-")[2]))
 
 
 def _callback(metrics: MetricsLog, root: Path) -> Any:
@@ -137,14 +149,37 @@ def _load(cfg: RunConfig, init: Path, device: str) -> tuple[Any, Any, Any]:
     return policy, ref, tok
 
 
+def _sharded(trainer: Any) -> bool:
+    """Whether no process holds the full weights (FSDP, DeepSpeed ZeRO-3)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(trainer.is_fsdp_enabled) or (plugin is not None and plugin.zero_stage == 3)
+
+
+def _gathered_policy(trainer: Any, cfg: RunConfig, init: Path) -> Any:
+    """The trained policy rebuilt on the CPU of the main process from the gathered weights
+    (None on the others); every process must call it. Needs ``zero3_save_16bit_model: true``
+    (DeepSpeed) or ``fsdp_state_dict_type: FULL_STATE_DICT`` (FSDP) in the accelerate config."""
+    from rlaif.modelio import load_causal_lm
+    from rlaif.train_common import apply_lora
+
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.accelerator.is_main_process:
+        return None
+    trust, pickle = cfg.backend.trust_remote_code, cfg.backend.allow_pickle
+    model, _ = load_causal_lm(init, device="cpu", trust_remote_code=trust, allow_pickle=pickle)
+    model = apply_lora(model, cfg.dpo)
+    model.load_state_dict(state)
+    return model
+
+
 def run(cfg: RunConfig) -> Path:
     """Train the SL-CAI model with DPO on the preferences; return the output model directory."""
     from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from rlaif.backends.dtype import resolve_device
     from rlaif.data.preferences import load_preferences
+    from rlaif.distributed import process_info
     from rlaif.modelio import check_model_dir
     from rlaif.train_common import autocast_dtype, merged_for_saving, set_seed
 
@@ -160,12 +195,16 @@ def run(cfg: RunConfig) -> Path:
     if not init.is_dir():
         raise UserError(f"{init}: policy model not found; run `rlaif sft` first (or set dpo.init)")
     check_model_dir(init, allow_pickle=cfg.backend.allow_pickle)
+    dist, device = process_info(cfg.backend.device)
     inputs = hash_inputs({"preferences": prefs_path, "init": init})
     config = {"dpo": asdict(dcfg), "seed": cfg.seed}
+    if dist.world > 1:  # the global batch (batch_size * processes) shapes the result
+        config["processes"] = dist.world
     fp = fingerprint(scrub(config), inputs)
     prev = read_manifest(manifest_path)
     if prev and prev.get("fingerprint") == fp and (out / "config.json").is_file():
         log.info("dpo: %s is up to date (same config and inputs); nothing to do", out)
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # what a kill during the cleanup left
         return out
 
     rows, stats = prepare_pairs(load_preferences(prefs_path, dcfg.limit), dcfg.min_margin)
@@ -175,21 +214,24 @@ def run(cfg: RunConfig) -> Path:
         )
     log.info("dpo: %s", ", ".join(f"{k} {v}" for k, v in stats.items()))
 
-    stamp = ckpt_root / "fingerprint"
-    if ckpt_root.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != fp):
-        log.warning(
-            "dpo: checkpoints in %s are from another config or data; starting over", ckpt_root
-        )
-        shutil.rmtree(ckpt_root)
-    last = complete_checkpoint(ckpt_root)
-    resume_step = json.loads((last / _STATE).read_text())["global_step"] if last else None
+    def checkpoints() -> Path | None:
+        stamp = ckpt_root / "fingerprint"
+        if ckpt_root.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != fp):
+            log.warning(
+                "dpo: checkpoints in %s are from another config or data; starting over", ckpt_root
+            )
+            shutil.rmtree(ckpt_root)
+        last = complete_checkpoint(ckpt_root)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, fp + "\n")
+        return last
+
+    last = dist.on_main(checkpoints)  # the main process tidies, every process resumes
+    resume_step = _saved_step(last) if last else None
     if last:
         log.info("dpo: resuming from %s (step %d)", last, resume_step)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stamp, fp + "\n")
 
     set_seed(cfg.seed)
-    device = resolve_device(cfg.backend.device)
     policy, ref, tok = _load(cfg, init, device)
     bf16 = autocast_dtype(dcfg, device) is not None
     args = TRLDPOConfig(
@@ -221,7 +263,9 @@ def run(cfg: RunConfig) -> Path:
         gradient_checkpointing=dcfg.gradient_checkpointing,
         trust_remote_code=cfg.backend.trust_remote_code,
     )
-    metrics = MetricsLog(run_dir / "metrics" / f"{STAGE}.jsonl", resume_step=resume_step)
+    metrics = MetricsLog(
+        run_dir / "metrics" / f"{STAGE}.jsonl", resume_step=resume_step, active=dist.main
+    )
     trainer = DPOTrainer(
         model=policy,
         ref_model=ref,
@@ -231,8 +275,12 @@ def run(cfg: RunConfig) -> Path:
         callbacks=[_callback(metrics, ckpt_root)],
     )
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    gathered = _gathered_policy(trainer, cfg, init) if _sharded(trainer) else None
+    if not dist.main:
+        dist.wait()  # for the main process to write the model and the manifest
+        return out
 
-    final = merged_for_saving(trainer.model)
+    final = merged_for_saving(gathered if gathered is not None else trainer.model)
 
     save_model_dir(out, final, tok)
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -255,4 +303,5 @@ def run(cfg: RunConfig) -> Path:
     )
     shutil.rmtree(ckpt_root, ignore_errors=True)
     log.info("dpo: wrote %s", out)
+    dist.wait()
     return out

@@ -114,15 +114,20 @@ def _check_settings(cfg: RunConfig, settings: dict[str, Any]) -> None:
 
 
 def sample_answers(cfg: RunConfig, items: list[PromptItem], policy: str) -> dict[str, list[str]]:
-    """Two answers per prompt from the policy (two seeded passes), stored as they come."""
+    """Two answers per prompt from the policy (two seeded passes), stored as they come.
+
+    Chunks and their sampling seeds follow the full prompt order, not the order of what is left
+    to do, so a run resumed after a kill samples the same answers as an uninterrupted one.
+    """
     store = JsonlStore(cfg.run_path / ANSWERS)
-    todo = [it for it in items if it.id not in store]
-    if todo:
+    if any(it.id not in store for it in items):
         lab = cfg.label
         lm = make_lm(policy, cfg.backend)
         chunk = max(1, lab.batch_pairs)
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
+        for start in range(0, len(items), chunk):
+            part = [it for it in items[start : start + chunk] if it.id not in store]
+            if not part:
+                continue
             convs = [it.messages for it in part]
             runs = []
             for k in (0, 1):

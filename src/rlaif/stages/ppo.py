@@ -213,11 +213,18 @@ def save_ppo_checkpoint(
 def run(cfg: RunConfig) -> Path:
     """Train the policy with PPO against the PM; return ``run_dir/rl``."""
     from rlaif.backends.dtype import resolve_device
+    from rlaif.distributed import launched
     from rlaif.stages.ppo_loop import train
     from rlaif.train_common import autocast_dtype, merged_for_saving, set_seed
 
     pc, run_dir = cfg.ppo, cfg.run_path
     check_config(pc)
+    if launched():
+        raise UserError(
+            "ppo: runs in one process only; under `accelerate launch` every process would sample, "
+            "score and normalise its own rollouts and write the same checkpoints. Start it with "
+            "plain `rlaif ppo` (see docs/cluster.md)"
+        )
     policy_dir, pm_dir, red, helpful = input_paths(cfg)
     out, ckpt_root = run_dir / "rl", run_dir / "checkpoints" / STAGE
     manifest_path = run_dir / "manifests" / f"{STAGE}.json"

@@ -21,10 +21,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlaif.config import RewardConfig, RunConfig
 from rlaif.errors import UserError
+
+if TYPE_CHECKING:
+    from rlaif.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def write_pmp_pairs(
     return stats
 
 
-def _pmp_data(cfg: RunConfig) -> tuple[list[Pair], dict[str, int]]:
+def _pmp_data(cfg: RunConfig, dist: Dist) -> tuple[list[Pair], dict[str, int]]:
     from rlaif.manifest import hash_inputs
     from rlaif.store import atomic_write_json, read_jsonl
 
@@ -121,14 +124,19 @@ def _pmp_data(cfg: RunConfig) -> tuple[list[Pair], dict[str, int]]:
         "max_per_question": rc.pmp_max_per_question,
         "seed": cfg.seed,
     }
-    stats: dict[str, int] = {}
-    if out.is_file() and key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
-        stats = json.loads(key_file.read_text())["stats"]
-    else:
+
+    def fresh() -> dict[str, int]:
+        if out.is_file() and key_file.is_file():
+            known = json.loads(key_file.read_text())
+            if known.get("key") == key:
+                return dict(known["stats"])
         stats = write_pmp_pairs(
             rc.pmp_dumps, out, max_per_question=rc.pmp_max_per_question, seed=cfg.seed
         )
         atomic_write_json(key_file, {"key": key, "stats": stats})
+        return stats
+
+    stats = dist.on_main(fresh)
     pairs = [obj for _, obj in read_jsonl(out)]
     if rc.pmp_limit and len(pairs) > rc.pmp_limit:
         random.Random(cfg.seed).shuffle(pairs)
@@ -151,21 +159,23 @@ def _phase(
     loss_kind: str,
     out_dir: Path,
     step_offset: int,
+    dist: Dist,
+    device: str,
 ) -> dict[str, Any]:
     """Train one phase (resuming from its newest checkpoint) and export the PM to ``out_dir``.
 
     A phase whose exported PM carries the same fingerprint is not trained again.
     """
-    from rlaif.backends.dtype import resolve_device
     from rlaif.checkpoint import atomic_dir
     from rlaif.stages.reward_train import phase_fingerprint, train_pm
 
-    fp = phase_fingerprint(init, pairs, tcfg, loss_kind)
+    fp = phase_fingerprint(init, pairs, tcfg, loss_kind, dist.world)
     meta = _done_meta(out_dir)
     if meta.get("fingerprint") == fp:
         log.info("reward: %s is up to date", out_dir)
+        # What a kill during the cleanup after the export left.
+        shutil.rmtree(cfg.run_path / "checkpoints" / f"reward-{name}", ignore_errors=True)
         return {"steps": int(meta.get("steps", 0)), "fingerprint": fp, "reused": True}
-    device = resolve_device(cfg.backend.device)
     ckpt_root = cfg.run_path / "checkpoints" / f"reward-{name}"
     pm, stats = train_pm(
         init,
@@ -180,10 +190,15 @@ def _phase(
         device=device,
         trust_remote_code=cfg.backend.trust_remote_code,
         allow_pickle=cfg.backend.allow_pickle,
+        dist=dist,
     )
     pm.extra_meta = {"phase": name, "steps": stats["steps"], "fingerprint": stats["fingerprint"]}
-    atomic_dir(out_dir, lambda tmp: pm.save_pretrained(tmp, with_trainable=False))
-    shutil.rmtree(ckpt_root, ignore_errors=True)
+
+    def export() -> None:
+        atomic_dir(out_dir, lambda tmp: pm.save_pretrained(tmp, with_trainable=False))
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+
+    dist.on_main(export)
     return stats
 
 
@@ -196,7 +211,12 @@ def _done_meta(path: Path) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig) -> Path:
-    """PMP (unless ``reward.pmp`` is false) then fine-tuning; returns ``run_dir/pm``."""
+    """PMP (unless ``reward.pmp`` is false) then fine-tuning; returns ``run_dir/pm``.
+
+    Under ``accelerate launch`` both phases train data-parallel; the main process writes the
+    files and runs the held-out evaluations.
+    """
+    from rlaif.distributed import setup
     from rlaif.manifest import fingerprint, hash_inputs, scrub, write_manifest
     from rlaif.models import resolve_model
     from rlaif.stages.reward_eval import evaluate_pairs
@@ -209,7 +229,10 @@ def run(cfg: RunConfig) -> Path:
     if not ft_train:
         raise UserError("reward.holdout: no fine-tuning pairs left for training")
     inputs = hash_inputs({**ft_files, **{f"pmp_dumps[{i}]": d for i, d in enumerate(rc.pmp_dumps)}})
+    dist, device = setup(cfg.backend.device)
     stage_cfg = scrub({"model": str(base), "seed": cfg.seed, **dataclasses.asdict(rc)})
+    if dist.world > 1:  # the global batch (batch_size * processes) shapes the result
+        stage_cfg["processes"] = dist.world
     manifest_path = run_dir / "manifests" / "reward.json"
     from rlaif.manifest import read_manifest
 
@@ -226,12 +249,12 @@ def run(cfg: RunConfig) -> Path:
     report: dict[str, Any] = {"base_model": str(base)}
     init, offset = base, 0
     if rc.pmp:
-        pmp_pairs, se_stats = _pmp_data(cfg)
+        pmp_pairs, se_stats = _pmp_data(cfg, dist)
         pmp_train, pmp_held = split_holdout(pmp_pairs, rc.holdout, cfg.seed)
         pmp_cfg = dataclasses.replace(rc, lr=rc.pmp_lr, epochs=rc.pmp_epochs)
         pmp_stats = _phase(
             cfg, name="pmp", init=base, pairs=pmp_train, tcfg=pmp_cfg,
-            loss_kind="ranking", out_dir=run_dir / "pmp", step_offset=0,
+            loss_kind="ranking", out_dir=run_dir / "pmp", step_offset=0, dist=dist, device=device,
         )  # fmt: skip
         report["pmp"] = {
             "stackexchange": se_stats,
@@ -239,14 +262,17 @@ def run(cfg: RunConfig) -> Path:
             "heldout_pairs": len(pmp_held),
             **pmp_stats,
         }
-        if pmp_held:
+        if pmp_held and dist.main:
             report["pmp"]["heldout"] = evaluate_pairs(run_dir / "pmp", pmp_held, cfg)
         init, offset = run_dir / "pmp", int(pmp_stats["steps"])
     ft_stats = _phase(
         cfg, name="pm", init=init, pairs=ft_train, tcfg=rc, loss_kind="soft",
-        out_dir=run_dir / "pm", step_offset=offset,
+        out_dir=run_dir / "pm", step_offset=offset, dist=dist, device=device,
     )  # fmt: skip
     report["finetune"] = {"train_pairs": len(ft_train), "heldout_pairs": len(ft_held), **ft_stats}
+    if not dist.main:
+        dist.wait()  # for the main process's evaluations and manifest
+        return run_dir / "pm"
     if ft_held:
         report["finetune"]["heldout"] = evaluate_pairs(run_dir / "pm", ft_held, cfg)
         h = report["finetune"]["heldout"]
@@ -256,6 +282,7 @@ def run(cfg: RunConfig) -> Path:
         )
     report["seconds"] = round(time.time() - t0, 1)
     write_manifest(manifest_path, stage="reward", config=stage_cfg, inputs=inputs, extra=report)
+    dist.wait()
     return run_dir / "pm"
 
 

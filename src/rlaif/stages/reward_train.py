@@ -1,13 +1,16 @@
 """The PM training loop shared by both phases of `rlaif reward` (PMP and fine-tuning).
 
-Each micro-batch puts its chosen and rejected sequences into ONE forward pass (2B rows, right
-padded to the longest row); batches are length-bucketed so rows in a batch have similar lengths.
+Each micro-batch puts its chosen and rejected sequences into ONE forward pass: by default one
+row per pair, ``[shared prompt | chosen | rejected]`` with a block attention mask
+(:mod:`rlaif.pair_packing`), else 2B right-padded rows; batches are length-bucketed so rows in a
+batch have similar lengths.
 Checkpoints are atomic (:mod:`rlaif.checkpoint`) and carry the phase fingerprint, so a rerun
 resumes only a checkpoint made from the same model, data and settings.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -21,19 +24,27 @@ from rlaif.config import RewardConfig
 from rlaif.pm import PreferenceModel
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
+
+    from rlaif.distributed import Dist
 
 log = logging.getLogger(__name__)
 
 
-def phase_fingerprint(init: Path, pairs: list[dict[str, Any]], cfg: RewardConfig, loss: str) -> str:
-    """A short hash of what determines a phase's result: start model, pairs, settings, loss."""
+def phase_fingerprint(
+    init: Path, pairs: list[dict[str, Any]], cfg: RewardConfig, loss: str, world: int = 1
+) -> str:
+    """A short hash of what determines a phase's result: start model, pairs, settings, loss, and
+    the data-parallel process count (which sets the global batch) when it is more than one."""
     h = hashlib.sha256()
     try:  # a PM directory as the start: its own fingerprint says which weights it holds
         start = json.loads((Path(init) / "pm.json").read_text()).get("fingerprint", "")
     except (OSError, ValueError, AttributeError):
         start = ""
-    h.update(json.dumps([str(init), start, loss, _train_settings(cfg)], sort_keys=True).encode())
+    settings = _train_settings(cfg) | ({"processes": world} if world > 1 else {})
+    h.update(json.dumps([str(init), start, loss, settings], sort_keys=True).encode())
     for p in pairs:
         row = [p["prompt"], p["chosen"], p["rejected"], p.get("p_chosen", 1.0)]
         h.update(json.dumps(row, sort_keys=True).encode())
@@ -102,31 +113,61 @@ def _batch_backward(
     cfg: RewardConfig,
     loss_kind: str,
     amp: torch.dtype | None,
+    *,
+    forward: Callable[..., torch.Tensor] | None = None,
+    weight: float = 1.0,
+    dist: Dist | None = None,
+    last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of one micro-batch's mean loss (divided by grad_accum); return detached rewards.
 
-    Each pass holds the chosen AND rejected rows of its pairs (one forward). When the padded
+    Each pass holds the chosen AND rejected answers of its pairs (one forward): packed, one row
+    per pair with the shared prompt once (``cfg.pack_pairs``), else two rows. When the padded
     batch exceeds ``cfg.max_pass_tokens`` it is split into passes whose gradients add up to
     exactly the full batch's (each pass's mean loss weighted by its share of the pairs).
+
+    Data-parallel (``dist``): ``batch`` is this process's slice, ``forward`` the DDP-wrapped PM,
+    ``weight`` scales the loss to the slice's share of the global batch, and gradients are
+    synchronised on the last pass of the optimizer step's last micro-batch (``last``) only.
     """
+    import contextlib
+
     import torch
 
     from rlaif.train_common import autocast
 
+    call = forward if forward is not None else pm
+    from rlaif.pair_packing import shared_prefix_len
+
     n = len(batch)
-    width = max(max(len(chosen_ids[i]), len(rejected_ids[i])) for i in batch)
-    per_pass = max(1, cfg.max_pass_tokens // (2 * width)) if cfg.max_pass_tokens > 0 else n
+    if cfg.pack_pairs:  # a pair is one row: shared prompt, then both answers
+        rows = 1
+        width = max(
+            len(chosen_ids[i])
+            + len(rejected_ids[i])
+            - shared_prefix_len(chosen_ids[i], rejected_ids[i])
+            for i in batch
+        )
+    else:  # a pair is two right-padded rows
+        rows, width = 2, max(max(len(chosen_ids[i]), len(rejected_ids[i])) for i in batch)
+    per_pass = max(1, cfg.max_pass_tokens // (rows * width)) if cfg.max_pass_tokens > 0 else n
     device = str(pm.head.weight.device)
     out_c: list[torch.Tensor] = []
     out_r: list[torch.Tensor] = []
     for k in range(0, n, per_pass):
         sub = batch[k : k + per_pass]
-        ids, mask = pm.collate([chosen_ids[i] for i in sub] + [rejected_ids[i] for i in sub])
-        with autocast(amp, device):
-            rewards = pm(ids, mask)
-        rc, rr = rewards[: len(sub)], rewards[len(sub) :]
-        loss = _loss(loss_kind, rc, rr, p[k : k + per_pass].to(rc.device))
-        (loss * (len(sub) / n) / cfg.grad_accum).backward()
+        chosen, rejected = [chosen_ids[i] for i in sub], [rejected_ids[i] for i in sub]
+        sync = last and k + per_pass >= n
+        with dist.syncing(sync) if dist is not None else contextlib.nullcontext():
+            with autocast(amp, device):
+                if cfg.pack_pairs:
+                    rewards = call(*pm.collate_pairs(chosen, rejected))
+                    rc, rr = rewards[:, 0], rewards[:, 1]
+                else:
+                    rewards = call(*pm.collate(chosen + rejected))
+                    rc, rr = rewards[: len(sub)], rewards[len(sub) :]
+            loss = _loss(loss_kind, rc, rr, p[k : k + per_pass].to(rc.device))
+            (loss * (len(sub) / n) * weight / cfg.grad_accum).backward()
         out_c.append(rc.detach().cpu())
         out_r.append(rr.detach().cpu())
     return torch.cat(out_c), torch.cat(out_r)
@@ -146,8 +187,13 @@ def train_pm(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    dist: Dist | None = None,
 ) -> tuple[PreferenceModel, dict[str, Any]]:
-    """Train a PM on ``pairs`` ('ranking' or 'soft' loss); return it and the phase's stats."""
+    """Train a PM on ``pairs`` ('ranking' or 'soft' loss); return it and the phase's stats.
+
+    ``dist`` (see :mod:`rlaif.distributed`): data-parallel over its processes, each taking
+    ``cfg.batch_size`` pairs per micro-batch; only its main process writes files.
+    """
     import torch
     from tqdm import tqdm
 
@@ -157,7 +203,9 @@ def train_pm(
         load_trainer_state,
         save_checkpoint,
     )
+    from rlaif.distributed import Dist
     from rlaif.metrics import MetricsLog
+    from rlaif.pair_packing import shared_prefix_len
     from rlaif.pm import TRAINABLE_FILE, load_trainable
     from rlaif.rl.pm_losses import mean_margin, pair_accuracy
     from rlaif.train_common import (
@@ -169,13 +217,16 @@ def train_pm(
         total_optimizer_steps,
     )
 
-    fp = phase_fingerprint(init, pairs, cfg, loss_kind)
+    dist = dist or Dist()
+    fp = phase_fingerprint(init, pairs, cfg, loss_kind, dist.world)
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is not None and json.loads((ckpt / "state.json").read_text()).get("fingerprint") != fp:
         log.warning(
             "reward %s: checkpoints in %s are from other settings; starting over", phase, ckpt_root
         )
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+        dist.wait()  # every rank has read it before it goes
+        if dist.main:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
         ckpt = None
     set_seed(seed)
     kw = {"seed": seed, "device": device, "trust_remote_code": trust_remote_code}
@@ -185,21 +236,25 @@ def train_pm(
         pm = build_pm(init, cfg, allow_pickle=allow_pickle, **kw)  # type: ignore[arg-type]
         if ckpt is not None:
             load_trainable(pm, ckpt / TRAINABLE_FILE)
-    total = total_optimizer_steps(len(pairs), cfg)
+    total = total_optimizer_steps(len(pairs), cfg, dist.world)
     opt, sched = build_optimizer(pm, cfg, total)
     start = 0
     if ckpt is not None:
         start = int(load_trainer_state(ckpt, optimizer=opt, scheduler=sched)["step"])
         log.info("reward %s: resuming from %s (step %d of %d)", phase, ckpt, start, total)
+    forward, opt = dist.prepare(pm, opt)
     resume = step_offset + start if (ckpt is not None or step_offset) else None
-    metrics = MetricsLog(metrics_path, resume_step=resume)
+    metrics = MetricsLog(metrics_path, resume_step=resume, active=dist.main)
     amp = autocast_dtype(cfg, device)
 
     chosen_ids = pm.encode([_conversations(p)[0] for p in pairs])
     rejected_ids = pm.encode([_conversations(p)[1] for p in pairs])
     targets = [float(p.get("p_chosen", 1.0)) for p in pairs]
-    lengths = [max(len(a), len(b)) for a, b in zip(chosen_ids, rejected_ids, strict=True)]
-    stream = epoch_batches(lengths, cfg.batch_size, seed=seed)
+    lengths = [
+        len(a) + len(b) - shared_prefix_len(a, b) if cfg.pack_pairs else max(len(a), len(b))
+        for a, b in zip(chosen_ids, rejected_ids, strict=True)
+    ]
+    stream = epoch_batches(lengths, cfg.batch_size * dist.world, seed=seed)
     stream = itertools.islice(stream, start * cfg.grad_accum, None)  # skip what was trained
 
     last_good = ckpt
@@ -207,13 +262,21 @@ def train_pm(
     t_start, n_pairs, n_tokens = time.perf_counter(), 0, 0
     row: dict[str, float] = {}
     for step in tqdm(
-        range(start + 1, total + 1), desc=f"reward {phase}", initial=start, total=total
-    ):
+        range(start + 1, total + 1), desc=f"reward {phase}", initial=start, total=total,
+        disable=not dist.main,
+    ):  # fmt: skip
         sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        for _ in range(cfg.grad_accum):
-            _, batch = next(stream)
+        for j in range(cfg.grad_accum):
+            _, batch = next(stream)  # the global micro-batch
+            rows, real = dist.shard(batch)
+            share = len(rows) * dist.world / len(batch) if real else 0.0
+            p = torch.tensor([targets[i] for i in rows])
+            rc, rr = _batch_backward(
+                pm, rows, chosen_ids, rejected_ids, p, cfg, loss_kind, amp,
+                forward=forward, weight=share, dist=dist, last=j == cfg.grad_accum - 1,
+            )  # fmt: skip
+            rc, rr = dist.gather(rc, len(batch)), dist.gather(rr, len(batch))
             p = torch.tensor([targets[i] for i in batch])
-            rc, rr = _batch_backward(pm, batch, chosen_ids, rejected_ids, p, cfg, loss_kind, amp)
             loss = _loss(loss_kind, rc, rr, p)
             sums["loss"] += float(loss) / cfg.grad_accum
             sums["accuracy"] += pair_accuracy(rc, rr, p) / cfg.grad_accum
@@ -231,10 +294,11 @@ def train_pm(
         if step % cfg.log_every == 0 or step == total:
             metrics.log(step_offset + step, phase=phase, **row)
         if step % cfg.save_every == 0 or step == total:
-            last_good = save_checkpoint(
-                ckpt_root, step, model=pm, optimizer=opt, scheduler=sched,
+            last_good = dist.on_main(functools.partial(
+                save_checkpoint, ckpt_root, step, model=pm, optimizer=opt, scheduler=sched,
                 state={"fingerprint": fp, "phase": phase}, keep=cfg.keep_checkpoints,
-            )  # fmt: skip
+            ))  # fmt: skip
+    dist.release()
     pm.eval()
     stats = {"steps": total, "fingerprint": fp, "pairs": len(pairs), "final": row}
     return pm, stats

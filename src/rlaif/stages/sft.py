@@ -11,6 +11,7 @@ Outputs under ``run_dir``: ``sft/`` (model + tokenizer, safetensors), ``manifest
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -143,7 +144,7 @@ def run(cfg: RunConfig) -> Path:
     """Fine-tune ``cfg.model`` on the revisions; return the output model directory."""
     from tqdm import tqdm
 
-    from rlaif.backends.dtype import resolve_device
+    from rlaif.distributed import setup
     from rlaif.train_common import (
         autocast,
         autocast_dtype,
@@ -162,12 +163,16 @@ def run(cfg: RunConfig) -> Path:
     manifest_path = run_dir / "manifests" / f"{STAGE}.json"
     rev, helpful = _paths(cfg)
     base = _base_model(cfg.model)
+    dist, device = setup(cfg.backend.device)
     inputs = hash_inputs({"revisions": rev, "helpful": helpful or "none", "model": base})
     config = {"sft": asdict(scfg), "model": cfg.model, "seed": cfg.seed}
+    if dist.world > 1:  # the global batch (batch_size * processes) shapes the result
+        config["processes"] = dist.world
     fp = fingerprint(scrub(config), inputs)
     prev = read_manifest(manifest_path)
     if prev and prev.get("fingerprint") == fp and (out / "config.json").is_file():
         log.info("sft: %s is up to date (same config and inputs); nothing to do", out)
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # what a kill during the cleanup left
         return out
 
     ckpt = latest_checkpoint(ckpt_root)
@@ -178,56 +183,69 @@ def run(cfg: RunConfig) -> Path:
             log.warning(
                 "sft: checkpoints in %s are from another config or data; starting over", ckpt_root
             )
-            shutil.rmtree(ckpt_root)
+            dist.wait()  # every rank has read it before it goes
+            if dist.main:
+                shutil.rmtree(ckpt_root)
             ckpt, state = None, {}
 
     set_seed(cfg.seed)
-    device = resolve_device(cfg.backend.device)
     model, tok = _load_model(cfg, base, ckpt, device)
     examples = build_examples(cfg, rev, helpful)
     encoded = [
         encode(tok, ex, scfg.max_length) for ex in tqdm(examples, desc="sft: tokenize", unit="ex")
     ]
-    total = total_optimizer_steps(len(encoded), scfg)
+    total = total_optimizer_steps(len(encoded), scfg, dist.world)
     opt, sched = build_optimizer(model, scfg, total)
     start = 0
     if ckpt is not None:
         state = load_trainer_state(ckpt, optimizer=opt, scheduler=sched)
         start = int(state["step"])
         log.info("sft: resuming from %s (step %d of %d)", ckpt, start, total)
+    forward, opt = dist.prepare(model, opt, response_logits)
     amp = autocast_dtype(scfg, device)
     log.info(
-        "sft: %d examples (%s), %d steps, %s, autocast %s, device %s",
+        "sft: %d examples (%s), %d steps, %s, autocast %s, device %s, %d process(es)",
         len(encoded),
         dict(Counter(ex.source.split(":")[0] for ex in examples)),
         total,
         "LoRA" if scfg.lora else "full fine-tuning",
         amp or "off (fp32)",
         device,
+        dist.world,
     )
 
     metrics = MetricsLog(
-        run_dir / "metrics" / f"{STAGE}.jsonl", resume_step=start if ckpt else None
+        run_dir / "metrics" / f"{STAGE}.jsonl",
+        resume_step=start if ckpt else None,
+        active=dist.main,
     )
-    stream = epoch_batches([len(ids) for ids, _ in encoded], scfg.batch_size, seed=cfg.seed)
+    n_resp = [sum(y != IGNORE for y in labels[1:]) for _, labels in encoded]
+    lengths = [len(ids) for ids, _ in encoded]
+    stream = epoch_batches(lengths, scfg.batch_size * dist.world, seed=cfg.seed)
     for _ in range(start * scfg.grad_accum):  # replay the batch order up to the checkpoint
         next(stream)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     last_good, loss_val = ckpt, float(state.get("loss", float("nan")))
-    bar = tqdm(range(start + 1, total + 1), desc="sft", unit="step", initial=start, total=total)
+    bar = tqdm(
+        range(start + 1, total + 1), desc="sft", unit="step", initial=start, total=total,
+        disable=not dist.main,
+    )  # fmt: skip
     for step in bar:
         t0 = time.perf_counter()
-        micro = [next(stream) for _ in range(scfg.grad_accum)]
-        batches = [collate([encoded[i] for i in idx], pad_id) for _, idx in micro]
-        n_tok = int(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))
+        micro = [next(stream) for _ in range(scfg.grad_accum)]  # global micro-batches
+        n_tok = sum(n_resp[i] for _, idx in micro for i in idx)
         loss_sum = 0.0
-        for b in batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            with autocast(amp, device):
-                logits, targets = response_logits(model, b)
-            loss = response_loss(logits, targets, n_tok)
-            loss.backward()
-            loss_sum += float(loss.detach())
+        for j, (_, idx) in enumerate(micro):
+            rows, real = dist.shard(idx)  # this process's slice
+            b = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
+            with dist.syncing(j == len(micro) - 1):
+                with autocast(amp, device):
+                    logits, targets = forward(b)
+                loss = response_loss(logits, targets, n_tok)
+                # DDP averages over processes; the sum over processes is the global batch's loss
+                (loss * (dist.world if real else 0.0)).backward()
+            loss_sum += float(loss.detach()) if real else 0.0
+        loss_sum = dist.sum(loss_sum)
         gnorm = grad_norm(model, scfg.max_grad_norm)
         check_finite(step, STAGE, last_good, loss=loss_sum, grad_norm=gnorm)
         opt.step()
@@ -247,7 +265,8 @@ def run(cfg: RunConfig) -> Path:
                 tokens_per_s=n_tok / dt,
             )
         if step % scfg.save_every == 0 or step == total:
-            last_good = save_checkpoint(
+            save = functools.partial(
+                save_checkpoint,
                 ckpt_root,
                 step,
                 model=model,
@@ -257,7 +276,12 @@ def run(cfg: RunConfig) -> Path:
                 state={"fingerprint": fp, "loss": loss_val, "total": total},
                 keep=scfg.keep_checkpoints,
             )
+            last_good = dist.on_main(save)
     bar.close()
+    dist.release()
+    if not dist.main:
+        dist.wait()  # for the main process to write the model and the manifest
+        return out
 
     final = merged_for_saving(model)
     final_dtype = next(final.parameters()).dtype
@@ -283,4 +307,5 @@ def run(cfg: RunConfig) -> Path:
     )
     shutil.rmtree(ckpt_root, ignore_errors=True)
     log.info("sft: wrote %s (final loss %.4f)", out, loss_val)
+    dist.wait()
     return out
