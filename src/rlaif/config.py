@@ -216,7 +216,7 @@ class RewardConfig(TrainingConfig):
     """Peak learning rate of PMP (the other optimiser settings are shared with fine-tuning)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    max_pass_tokens: int = 2048
+    max_pass_tokens: int = 1024
     """Most padded tokens in one forward/backward pass; bigger batches are split (same gradients, less memory; 0: never)."""
     pack_pairs: bool = True
     """Run each pair's shared prompt once: one row [prompt | chosen | rejected] with a block attention mask (same rewards and gradients, fewer tokens); false: two right-padded rows per pair (for attention kernels without custom masks, e.g. flash-attention 2)."""
@@ -253,7 +253,8 @@ class PPOConfig(TrainingConfig):
     helpful_limit: int = 0
     """Use at most this many helpfulness prompts (0: all)."""
     rollout_batch_size: int = 16
-    """Prompts answered per PPO step (episodes per step)."""
+    """Prompts answered per PPO step (episodes per step), per process: under `accelerate launch`
+    the step's global batch is this times the process count (docs/cluster.md)."""
     ppo_epochs: int = 4
     """Passes over each step's episodes; each pass is cut into mini-batches of batch_size * grad_accum."""
     max_new_tokens: int = 64
