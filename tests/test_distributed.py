@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,12 +27,14 @@ from typing import Any
 import psutil
 import pytest
 
+from rlaif.checkpoint import list_checkpoints
 from rlaif.cli import main
 from rlaif.distributed import Dist, shard_bounds, shard_sizes
 from rlaif.metrics import read_metrics
 from tests.test_sft import state_dict, train_args, write_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 CPU2 = ROOT / "configs" / "accelerate" / "cpu2.yaml"
 RTOL = 1e-4
 
@@ -42,10 +45,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_cmd(args: list[str]) -> list[str]:
+def launch_cmd(args: list[str], program: tuple[str, ...] = ("-m", "rlaif")) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU2),
-        "--main_process_port", str(free_port()), "-m", "rlaif", *args,
+        "--main_process_port", str(free_port()), *program, *args,
     ]  # fmt: skip
 
 
@@ -96,6 +99,7 @@ def test_one_process_dist_passes_through() -> None:
     assert (dist.rank, dist.world, dist.main) == (0, 1, True)
     assert dist.shard([7, 3, 5]) == ([7, 3, 5], True)
     assert dist.sum(2.5) == 2.5
+    assert dist.sums([1.5, -2.0]) == [1.5, -2.0] and dist.maxes([3, 7]) == [3, 7]
     rows = torch.tensor([1.0, 2.0])
     assert dist.gather(rows, 2) is rows
     assert dist.on_main(lambda: "written") == "written"
@@ -105,12 +109,56 @@ def test_one_process_dist_passes_through() -> None:
     assert opt == "optimizer" and torch.equal(call(x), model(x))
 
 
-def test_ppo_refuses_to_run_data_parallel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["ppo", f"run_dir={tmp_path}"]) == 2
-    assert "ppo: runs in one process only" in capsys.readouterr().err
+def test_ppo_losses_of_shards_add_up_to_the_batch() -> None:
+    """Each rank divides by the global micro-batch's token count: the ranks' losses and stats
+    then sum to the one-process values, whatever the answer lengths on each rank."""
+    import torch
+
+    from rlaif.rl.advantages import masked_mean
+    from rlaif.rl.losses import clipped_value_loss, ppo_policy_loss
+
+    gen = torch.Generator().manual_seed(0)
+    lp, old, adv, v, ov, ret = (torch.randn(5, 7, generator=gen) for _ in range(6))
+    lengths = torch.tensor([7, 1, 4, 2, 6])  # 20 tokens: 12 on the first rank, 8 on the second
+    mask = (torch.arange(7) < lengths[:, None]).long()
+    whole_pg, whole_st = ppo_policy_loss(lp, old, adv, mask, 0.2)
+    whole_vf, whole_frac = clipped_value_loss(v, ov, ret, mask, 0.2)
+    pg = vf = ent = torch.tensor(0.0)
+    approx = clip = frac = 0.0
+    for rows in (slice(0, 3), slice(3, 5)):
+        p, st = ppo_policy_loss(lp[rows], old[rows], adv[rows], mask[rows], 0.2, count=20.0)
+        f, fr = clipped_value_loss(v[rows], ov[rows], ret[rows], mask[rows], 0.2, count=20.0)
+        pg, vf, ent = pg + p, vf + f, ent + masked_mean(lp[rows], mask[rows], count=20.0)
+        approx, clip, frac = approx + st.approx_kl, clip + st.clipfrac, frac + fr
+    assert torch.allclose(pg, whole_pg) and torch.allclose(vf, whole_vf)
+    assert torch.allclose(ent, masked_mean(lp, mask))
+    assert approx == pytest.approx(whole_st.approx_kl) and clip == pytest.approx(whole_st.clipfrac)
+    assert frac == pytest.approx(whole_frac)
+    # what DDP would average without the global count: each rank's own token mean
+    own = [
+        ppo_policy_loss(lp[r], old[r], adv[r], mask[r], 0.2)[0] for r in (slice(0, 3), slice(3, 5))
+    ]
+    assert not torch.allclose((own[0] + own[1]) / 2, whole_pg)
+
+
+def test_padded_samples_keep_every_token_in_place() -> None:
+    import torch
+
+    from rlaif.rl.rollout import Samples
+
+    s = Samples(
+        torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        torch.tensor([[3, 4], [2, 0]]), torch.tensor([[1, 1], [1, 0]]),
+        torch.tensor([True, False]),
+    )  # fmt: skip
+    w = s.padded(5, 4, pad_id=0)
+    assert w.query_ids.tolist() == [[0, 0, 0, 5, 6], [0, 0, 7, 8, 9]]
+    assert w.query_mask.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
+    assert w.response_ids.tolist() == [[3, 4, 0, 0], [2, 0, 0, 0]]
+    assert torch.equal(w.response_lengths, s.response_lengths)
+    assert torch.equal(w.truncated, s.truncated)
+    with pytest.raises(ValueError, match="narrower"):
+        s.padded(2, 4, pad_id=0)
 
 
 # ---------------------------------------------------------------- 1 vs 2 processes
@@ -178,21 +226,120 @@ def test_reward_two_processes_match_one(
     no_leftovers(two)
 
 
-@pytest.mark.slow
-def test_killed_two_process_run_resumes(
-    tmp_path: Path, tiny_model_dir: Path, fixtures: Path
-) -> None:
-    """SIGKILL the whole 2-process group after its first checkpoint; the rerun resumes on 2."""
+PPO_KEYS = [
+    "reward", "score", "kl", "beta", "entropy", "approx_kl", "policy_loss", "value_loss",
+    "explained_variance", "grad_norm_policy", "grad_norm_value", "lr",
+]  # fmt: skip
+
+
+def ppo_args(run_dir: Path, policy: Path, pm_dir: Path, **over: Any) -> list[str]:
+    """A 3-step PPO run on the tiny model: per step 6 episodes in one process (3 per process in
+    two), 2 epochs of mini-batches of 4 then 2 (micro-batches of 2), an entropy bonus, adaptive
+    KL with a short horizon and a target near the measured KL so that beta moves unclipped, the
+    value head calibrated from the global scores.
+
+    ``lr`` is 3e-4: Adam's first steps are close to ``lr * sign(gradient)``, so a gradient entry
+    near zero whose sign flips with float rounding moves its weight by ``2 * lr``; at 1e-3 that
+    grew the 1- vs 2-process differences to 2e-5 relative in 3 steps, at 3e-4 they stay near 1e-7.
+    """
+    values = {
+        "ppo.policy": policy, "ppo.pm": pm_dir, "ppo.prompts": FIXTURES / "hh-rlhf-60.jsonl",
+        "ppo.helpful_prompts": "none", "ppo.max_steps": 3, "ppo.rollout_batch_size": 6,
+        "ppo.batch_size": 2, "ppo.grad_accum": 2, "ppo.ppo_epochs": 2, "ppo.max_new_tokens": 6,
+        "ppo.max_length": 40, "ppo.dtype": "float32", "ppo.lr": 3e-4, "ppo.entropy_coef": 0.01,
+        "ppo.kl_horizon": 20, "ppo.target_kl": 1.0, "ppo.save_every": 2, **over,
+    }  # fmt: skip
+    return [
+        "ppo",
+        f"run_dir={run_dir}",
+        "backend.device=cpu",
+        *(f"{k}={v}" for k, v in values.items()),
+    ]
+
+
+def early_stopping_policy(tiny_model_dir: Path, out: Path) -> Path:
+    """The tiny model with its end-of-turn logit raised (the token's tied embedding row set along
+    the mean final hidden state), so that sampled answers end early about one time in four:
+    answers of different lengths, where the random model alone always runs to max_new_tokens."""
+    import torch
+
+    from rlaif.backends.hf import HFLM
+    from rlaif.checkpoint import save_model_dir
+    from rlaif.data.prompts import load_prompts
+    from rlaif.modelio import load_causal_lm
+
+    model, tok = load_causal_lm(tiny_model_dir)
+    lm = HFLM.from_objects(model, tok)
+    rows = [lm.encode(p.messages) for p in load_prompts(FIXTURES / "hh-rlhf-60.jsonl", limit=10)]
+    with torch.no_grad():
+        hidden = torch.cat(
+            [model.model(input_ids=torch.tensor([r])).last_hidden_state[0] for r in rows]
+        )
+        mean = hidden.mean(0)
+        model.get_output_embeddings().weight[tok.eos_token_id] = 1.6 * mean / mean.norm()
+    return save_model_dir(out, model, tok)
+
+
+def test_ppo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Rollouts are sampled (temperature 1) with per-row seeds that follow the global row, so both
+    layouts sample the same episodes (answers of different lengths: the rewards agree to 1e-6);
+    every statistic is over the global batch and the update sees the same global mini-batches,
+    so the curves match up to float rounding (see RTOL). Quantities that are differences of
+    nearly equal numbers (``kl``, ``approx_kl``, ``policy_loss`` near 0) fall back on the 1e-6
+    absolute tolerance, a few float32 rounding steps of log-probs near -6."""
+    from rlaif.pm import new_pm
+
+    policy = early_stopping_policy(tiny_model_dir, tmp_path / "policy")
+    pm_dir = tmp_path / "pm"
+    new_pm(tiny_model_dir).save_pretrained(pm_dir)
     one, two = tmp_path / "one", tmp_path / "two"
-    for d in (one, two):
-        write_run_inputs(d, fixtures)
-    extra = {"sft.max_steps": 40, "sft.save_every": 2}
-    assert main(["sft", *train_args(one, tiny_model_dir, **extra)]) == 0
-    args = ["sft", *train_args(two, tiny_model_dir, **{**extra, "sft.batch_size": 2})]
+    assert main(ppo_args(one, policy, pm_dir)) == 0
+    launch(ppo_args(two, policy, pm_dir, **{"ppo.rollout_batch_size": 3, "ppo.batch_size": 1}))
+
+    a = read_metrics(one / "metrics" / "ppo.jsonl")
+    b = read_metrics(two / "metrics" / "ppo.jsonl")
+    assert [r["step"] for r in a] == [1, 2, 3]
+    assert any(0 < r["truncated"] < 1 for r in a)  # answers of different lengths
+    for key in ("response_length", "truncated", "episodes"):  # the same episodes, step by step
+        assert [r[key] for r in b] == [r[key] for r in a], key
+    assert_same_curve(a, b, PPO_KEYS)
+    assert a[-1]["beta"] != a[0]["beta"] and a[-1]["kl"] != a[0]["kl"]  # the curves move
+    wa, wb = state_dict(one / "rl"), state_dict(two / "rl")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    man = json.loads((two / "manifests" / "ppo.json").read_text())
+    assert man["config"]["processes"] == 2 and man["steps"] == 3
+    assert sorted(p.name for p in (two / "checkpoints" / "ppo").iterdir()) == [
+        "step-000002",
+        "step-000003",
+    ]
+    no_leftovers(two)
+
+
+def test_ppo_nan_on_one_rank_stops_both(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A NaN reward, or an inf loss, on rank 1 only: both ranks stop at that step with the same
+    message (rank 0 saw nothing wrong locally), rank 0 keeps the last good checkpoint."""
+    worker = (str(ROOT / "tests" / "dist_ppo_worker.py"),)
+    res = subprocess.run(
+        launch_cmd([str(tiny_model_dir), str(tmp_path)], worker),
+        env={**env(), "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    for where in ("reward", "loss"):
+        assert re.search(r"step 3 .*last good checkpoint kept: .*step-000002", ranks[0][where])
+        assert [s for s, _ in list_checkpoints(tmp_path / where / "ck")] == [1, 2]
+        assert [r["step"] for r in read_metrics(tmp_path / where / "m.jsonl")] == [1, 2]
+
+
+def kill_after_first_checkpoint(args: list[str], run_dir: Path, stage: str) -> int:
+    """Launch ``args`` on 2 processes, SIGKILL the launcher and both workers as soon as a
+    checkpoint appears; return the step of the newest checkpoint left."""
     proc = subprocess.Popen(
         launch_cmd(args), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    ckpt_root = two / "checkpoints" / "sft"
+    ckpt_root = run_dir / "checkpoints" / stage
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(ckpt_root.glob("step-*")):
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -204,14 +351,55 @@ def test_killed_two_process_run_resumes(
             p.send_signal(signal.SIGKILL)
     psutil.wait_procs(family, timeout=30)
     proc.wait()
-    assert not (two / "manifests" / "sft.json").exists(), "killed too late: the run had finished"
-    killed_at = max(int(p.name.split("-")[1]) for p in ckpt_root.glob("step-*"))
+    assert not (run_dir / "manifests" / f"{stage}.json").exists(), "killed too late: it finished"
+    return max(int(p.name.split("-")[1]) for p in ckpt_root.glob("step-*"))
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes(
+    tmp_path: Path, tiny_model_dir: Path, fixtures: Path
+) -> None:
+    """SIGKILL the whole 2-process group after its first checkpoint; the rerun resumes on 2."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        write_run_inputs(d, fixtures)
+    extra = {"sft.max_steps": 40, "sft.save_every": 2}
+    assert main(["sft", *train_args(one, tiny_model_dir, **extra)]) == 0
+    args = ["sft", *train_args(two, tiny_model_dir, **{**extra, "sft.batch_size": 2})]
+    killed_at = kill_after_first_checkpoint(args, two, "sft")
     assert 0 < killed_at < 40
     res = launch(args)
-    assert f"resuming from {ckpt_root}" in res.stderr
+    assert f"resuming from {two / 'checkpoints' / 'sft'}" in res.stderr
     a = read_metrics(one / "metrics" / "sft.jsonl")
     b = read_metrics(two / "metrics" / "sft.jsonl")
     assert_same_curve(a, b, ["loss", "grad_norm"])
+    no_leftovers(two)
+
+
+@pytest.mark.slow
+def test_killed_two_process_ppo_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """PPO with LoRA on 2 processes, SIGKILLed after its first checkpoint, resumes on 2 from the
+    step it saved (adapters, value, optimizer, beta, reward moments) and ends on the curve of an
+    uninterrupted one-process run."""
+    from rlaif.pm import new_pm
+
+    policy = early_stopping_policy(tiny_model_dir, tmp_path / "policy")
+    pm_dir = tmp_path / "pm"
+    new_pm(tiny_model_dir).save_pretrained(pm_dir)
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = {"ppo.max_steps": 10, "ppo.save_every": 2, "ppo.lora": "true", "ppo.lora_r": 4}
+    assert main(ppo_args(one, policy, pm_dir, **extra)) == 0
+    per_process = {"ppo.rollout_batch_size": 3, "ppo.batch_size": 1}
+    args = ppo_args(two, policy, pm_dir, **extra, **per_process)
+    killed_at = kill_after_first_checkpoint(args, two, "ppo")
+    assert 0 < killed_at < 10
+    res = launch(args)
+    assert f"resuming from {two / 'checkpoints' / 'ppo'}" in res.stderr
+    a = read_metrics(one / "metrics" / "ppo.jsonl")
+    b = read_metrics(two / "metrics" / "ppo.jsonl")
+    # what a resume restores: weights, optimizer, beta, reward moments (float drift grows with
+    # the steps, so fewer keys than the 3-step comparison)
+    assert_same_curve(a, b, ["reward", "score", "kl", "beta", "value_loss", "grad_norm_policy"])
     no_leftovers(two)
 
 

@@ -139,6 +139,26 @@ class Dist:
         t = torch.tensor([value], dtype=torch.float64, device=self.state.device)
         return float(reduce(t, reduction="sum")[0])
 
+    def sums(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed element-wise over ranks in one collective (themselves on one process)."""
+        if self.state is None:
+            return list(values)
+        import torch
+        from accelerate.utils import reduce
+
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.state.device)
+        return [float(x) for x in reduce(t, reduction="sum")]
+
+    def maxes(self, values: Sequence[int]) -> list[int]:
+        """``values`` maximised element-wise over ranks (e.g. padded widths), in one collective."""
+        if self.state is None:
+            return list(values)
+        import torch
+        from accelerate.utils import reduce
+
+        t = torch.tensor(list(values), dtype=torch.long, device=self.state.device)
+        return [int(x) for x in reduce(t, reduction="max")]
+
     def gather(self, rows: torch.Tensor, n_global: int) -> torch.Tensor:
         """The rows of every rank's slice, in rank order: the global batch's rows, ``(n_global,)``.
 

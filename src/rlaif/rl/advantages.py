@@ -12,10 +12,19 @@ from dataclasses import dataclass
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``x`` over positions where ``mask`` is 1 (over all of them, or along ``dim``)."""
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, count: float | None = None
+) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (over all of them, or along ``dim``).
+
+    ``count`` (with ``dim=None``): divide the masked sum by this token count instead of the
+    mask's own, for one shard of a larger batch of ``count`` tokens; the shards' results then
+    add up to the whole batch's mean.
+    """
     mask = mask.to(x.dtype)
     if dim is None:
+        if count is not None:
+            return (x * mask).sum() / max(count, 1.0)
         return (x * mask).sum() / mask.sum().clamp(min=1.0)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 

@@ -62,6 +62,23 @@ class Samples:
     def select(self, idx: torch.Tensor) -> Samples:
         return _select(self, idx)
 
+    def padded(self, prompt_width: int, response_width: int, pad_id: int) -> Samples:
+        """The same episodes with prompts left-padded to ``prompt_width`` columns and responses
+        right-padded to ``response_width`` (pad id, mask 0): what stacking them with wider
+        batches needs. Response position ``t`` stays response position ``t``."""
+        pad = torch.nn.functional.pad
+        dp = prompt_width - self.query_ids.shape[1]
+        dt = response_width - self.response_ids.shape[1]
+        if dp < 0 or dt < 0:
+            raise ValueError(f"cannot pad {tuple(self.input_ids.shape)} down to narrower widths")
+        return Samples(
+            pad(self.query_ids, (dp, 0), value=pad_id),
+            pad(self.query_mask, (dp, 0), value=0),
+            pad(self.response_ids, (0, dt), value=pad_id),
+            pad(self.response_mask, (0, dt), value=0),
+            self.truncated,
+        )
+
 
 @dataclass
 class Rollout:

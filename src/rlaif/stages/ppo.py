@@ -211,27 +211,27 @@ def save_ppo_checkpoint(
 
 
 def run(cfg: RunConfig) -> Path:
-    """Train the policy with PPO against the PM; return ``run_dir/rl``."""
-    from rlaif.backends.dtype import resolve_device
-    from rlaif.distributed import launched
+    """Train the policy with PPO against the PM; return ``run_dir/rl``.
+
+    Under ``accelerate launch`` (N processes) it runs data-parallel (:mod:`rlaif.stages.ppo_loop`):
+    ``rollout_batch_size`` and ``batch_size`` are per process, and only the main process writes.
+    """
+    from rlaif.distributed import setup
     from rlaif.stages.ppo_loop import train
     from rlaif.train_common import autocast_dtype, merged_for_saving, set_seed
 
     pc, run_dir = cfg.ppo, cfg.run_path
     check_config(pc)
-    if launched():
-        raise UserError(
-            "ppo: runs in one process only; under `accelerate launch` every process would sample, "
-            "score and normalise its own rollouts and write the same checkpoints. Start it with "
-            "plain `rlaif ppo` (see docs/cluster.md)"
-        )
     policy_dir, pm_dir, red, helpful = input_paths(cfg)
     out, ckpt_root = run_dir / "rl", run_dir / "checkpoints" / STAGE
     manifest_path = run_dir / "manifests" / f"{STAGE}.json"
     inputs = hash_inputs(
         {"policy": policy_dir, "pm": pm_dir, "prompts": red, "helpful_prompts": helpful or "none"}
     )
+    dist, device = setup(cfg.backend.device)
     config = {"ppo": asdict(pc), "seed": cfg.seed}
+    if dist.world > 1:  # the global batch (rollout_batch_size * processes) shapes the result
+        config["processes"] = dist.world
     fp = fingerprint(scrub(config), inputs)
     prev = read_manifest(manifest_path)
     if prev and prev.get("fingerprint") == fp and (out / "config.json").is_file():
@@ -244,20 +244,23 @@ def run(cfg: RunConfig) -> Path:
             log.warning(
                 "ppo: checkpoints in %s are from another config or input; starting over", ckpt_root
             )
-            shutil.rmtree(ckpt_root)
+            dist.wait()  # every rank has read it before it goes
+            if dist.main:
+                shutil.rmtree(ckpt_root)
+            dist.wait()  # and none looks for a checkpoint before it has gone
 
     prompts, counts = load_prompt_messages(cfg, red, helpful)
     set_seed(cfg.seed)
-    device = resolve_device(cfg.backend.device)
     models = load_models(cfg, policy_dir, pm_dir, device)
     amp = autocast_dtype(pc, device)
     log.info(
-        "ppo: %d prompts %s, %s, autocast %s, device %s",
+        "ppo: %d prompts %s, %s, autocast %s, device %s, %d process(es)",
         len(prompts),
         counts,
         "LoRA (reference = adapters off)" if pc.lora else "full fine-tuning",
         amp or "off (fp32)",
         device,
+        dist.world,
     )
     result = train(
         models,
@@ -269,7 +272,11 @@ def run(cfg: RunConfig) -> Path:
         backend=cfg.backend,
         amp=amp,
         fingerprint=fp,
+        dist=dist,
     )
+    if not dist.main:
+        dist.wait()  # for the main process to write the model and the manifest
+        return out
     final = merged_for_saving(models.policy)
 
     save_model_dir(out, final, models.tokenizer)
@@ -295,4 +302,5 @@ def run(cfg: RunConfig) -> Path:
             "device": device,
         },
     )
+    dist.wait()
     return out

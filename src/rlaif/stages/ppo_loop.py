@@ -8,6 +8,17 @@ value function's view of every answer token in one forward pass each; build per-
 ``(seed, step)``, so a resumed run samples the same prompts and answers as an uninterrupted one.
 
 Models stay in eval mode throughout (no dropout), so the first mini-batch's ratio is exactly 1.
+
+Data-parallel (a launched :class:`~rlaif.distributed.Dist` with N processes): the step's global
+batch is ``rollout_batch_size * N`` prompts, drawn identically on every rank; each rank samples,
+scores and runs the three no-grad forwards on its contiguous slice (row seeds follow the global
+row, so the episodes do not depend on N). The slices are then gathered, so every rank holds the
+whole step's rollout and computes the same reward normalisation, KL, advantages and whitening as
+one process would. The update shuffles that global batch with the shared generator and cuts it
+into global mini-batches (``batch_size * grad_accum * N``) and micro-batches (``batch_size * N``),
+each rank training on its slice of every micro-batch through DDP (policy and value in one wrapped
+module); losses are divided by the global micro-batch's token count, so the averaged gradient is
+the one-process gradient of the same global batch.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +40,7 @@ from rlaif.backends.hf import HFLM
 from rlaif.checkpoint import check_finite, latest_checkpoint
 from rlaif.checkpoint import load_trainer_state as _load_trainer_state
 from rlaif.config import BackendConfig, PPOConfig
+from rlaif.distributed import Dist, shard_bounds
 from rlaif.metrics import MetricsLog
 from rlaif.rl.advantages import RunningMoments, explained_variance, gae, masked_mean, masked_whiten
 from rlaif.rl.kl import KLController, kl_per_token, make_kl_controller, per_token_rewards
@@ -169,22 +181,25 @@ def value_estimates(value: Any, s: Samples) -> torch.Tensor:
     return value.head(hidden.float()).squeeze(-1)  # type: ignore[no-any-return]
 
 
+def policy_and_value(
+    both: Any, s: Samples, temperature: float, entropy: bool | str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The update's forward over ``{"policy", "value"}``: answer log-probs, entropies, values."""
+    lp, ent = policy_logprobs(both["policy"], s, temperature, entropy)
+    return lp, ent, value_estimates(both["value"], s)
+
+
 def _chunked(fn: Any, s: Samples, size: int) -> torch.Tensor:
     parts = [fn(s.select(torch.arange(i, min(i + size, len(s))))) for i in range(0, len(s), size)]
     return torch.cat(parts, dim=0)
 
 
 @torch.no_grad()
-def make_rollout(
-    models: PPOModels,
-    s: Samples,
-    raw: list[float],
-    scores: list[float],
-    pc: PPOConfig,
-    beta: float,
-    amp: torch.dtype | None,
-) -> Rollout:
-    """Everything the update epochs need, from the samples and their (normalised) scores."""
+def rollout_forwards(
+    models: PPOModels, s: Samples, pc: PPOConfig, amp: torch.dtype | None
+) -> list[torch.Tensor]:
+    """``[old, ref, values]``, each ``[B, T]``: the answer tokens' log-probs under the policy and
+    the reference, and the value before each token (``batch_size`` rows per forward pass)."""
     dev = str(s.query_ids.device)
     temp, size = pc.temperature, max(1, pc.batch_size)
     with autocast(amp, dev):
@@ -195,6 +210,21 @@ def make_rollout(
             with models.policy.disable_adapter():
                 ref = _chunked(lambda c: policy_logprobs(models.policy, c, temp)[0], s, size)
         values = _chunked(lambda c: value_estimates(models.value, c), s, size)
+    return [old, ref, values]
+
+
+@torch.no_grad()
+def make_rollout(
+    s: Samples,
+    old: torch.Tensor,
+    ref: torch.Tensor,
+    values: torch.Tensor,
+    raw: list[float],
+    scores: list[float],
+    pc: PPOConfig,
+    beta: float,
+) -> Rollout:
+    """Everything the update epochs need, from the samples, their forwards and (normalised) scores."""
     mask = s.response_mask
     m = mask.float()
     old, ref, values = old * m, ref * m, values * m
@@ -208,7 +238,41 @@ def make_rollout(
     return Rollout(s, old, ref, values, score_t, raw_t, kl, rewards, adv, returns)
 
 
+# ------------------------------------------------------------------------------- data-parallel
+
+
+def gather_floats(dist: Dist, xs: list[float], n_global: int) -> list[float]:
+    """Every rank's ``xs`` (its slice of a global batch of ``n_global``), in rank order."""
+    if dist.world == 1:
+        return xs
+    rows = dist.gather(torch.tensor(xs, dtype=torch.float64), n_global)
+    return [float(x) for x in rows]
+
+
+def gather_episodes(
+    dist: Dist, s: Samples, per_token: list[torch.Tensor], pad_id: int, n_global: int
+) -> tuple[Samples, list[torch.Tensor]]:
+    """Every rank's episodes and their ``[B, T]`` per-token tensors as one global batch in rank
+    order, padded to the widest prompt and answer of any rank: the same tensors on every rank."""
+    if dist.world == 1:
+        return s, per_token
+    width_p, width_t = dist.maxes([s.query_ids.shape[1], s.response_ids.shape[1]])
+    s = s.padded(width_p, width_t, pad_id)
+    grow = width_t - per_token[0].shape[1]
+    floats = torch.stack([torch.nn.functional.pad(t.float(), (0, grow)) for t in per_token], 1)
+    ids = dist.gather(torch.stack([s.input_ids, s.attention_mask], 1), n_global)
+    floats = dist.gather(floats, n_global)
+    truncated = dist.gather(s.truncated.long(), n_global).bool()
+    q, r = ids[:, :, :width_p], ids[:, :, width_p:]
+    out = Samples(q[:, 0], q[:, 1], r[:, 0], r[:, 1], truncated)
+    return out, list(floats.unbind(1))
+
+
 # ------------------------------------------------------------------------------- update
+
+
+def _item(x: torch.Tensor | float) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
 
 def ppo_update(
@@ -220,49 +284,59 @@ def ppo_update(
     gen: torch.Generator,
     amp: torch.dtype | None,
     on_bad: Any,
+    *,
+    forward: Callable[[Samples], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+    dist: Dist | None = None,
 ) -> dict[str, float]:
-    """``ppo_epochs`` passes of clipped policy + value updates; mean diagnostics over micro-batches."""
+    """``ppo_epochs`` passes of clipped policy + value updates; mean diagnostics over micro-batches.
+
+    ``forward(samples)`` runs :func:`policy_and_value` (through DDP when data-parallel); ``ro`` is
+    the step's global rollout, the same on every rank of ``dist``. Each rank trains on its slice
+    of every global micro-batch (all sizes are multiples of the process count, so the slices are
+    equal); the logged values are those of the global micro-batches.
+    """
+    dist = dist or Dist()
+    world = dist.world
     dev = str(ro.samples.query_ids.device)
-    mb_size = max(1, pc.batch_size * pc.grad_accum)
+    mb_size = max(1, pc.batch_size * pc.grad_accum) * world
+    micro_size = max(1, pc.batch_size) * world
+    keys = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac")
     sums: dict[str, float] = {}
     n = 0
     for _ in range(pc.ppo_epochs):
         for mb in ro.minibatches(mb_size, gen):
             optimizer.zero_grad(set_to_none=True)
-            for start in range(0, len(mb), max(1, pc.batch_size)):
-                micro = mb.select(torch.arange(start, min(start + pc.batch_size, len(mb))))
-                with autocast(amp, dev):
-                    lp, ent = policy_logprobs(
-                        models.policy,
-                        micro.samples,
-                        pc.temperature,
-                        entropy="grad" if pc.entropy_coef else True,
+            starts = range(0, len(mb), micro_size)
+            for j, start in enumerate(starts):
+                end = min(start + micro_size, len(mb))
+                rows, _ = dist.shard(range(start, end))  # this rank's slice
+                micro = mb.select(torch.tensor(rows))
+                # one process: the micro-batch's own token count; else the global micro-batch's
+                count = float(mb.mask[start:end].sum()) if world > 1 else None
+                with dist.syncing(j == len(starts) - 1):
+                    with autocast(amp, dev):
+                        lp, ent, v = forward(micro.samples)
+                    pg, st = ppo_policy_loss(
+                        lp, micro.logprobs, micro.advantages, micro.mask, pc.clip_eps, count=count
                     )
-                    v = value_estimates(models.value, micro.samples)
-                pg, st = ppo_policy_loss(
-                    lp, micro.logprobs, micro.advantages, micro.mask, pc.clip_eps
-                )
-                vf, vf_frac = clipped_value_loss(
-                    v, micro.values, micro.returns, micro.mask, pc.value_clip
-                )
-                assert ent is not None
-                ent_mean = masked_mean(ent, micro.mask)
-                loss = pg + pc.vf_coef * vf - pc.entropy_coef * ent_mean
-                on_bad(
-                    loss=float(loss.detach()),
-                    policy_loss=float(pg.detach()),
-                    value_loss=float(vf.detach()),
-                )
-                (loss * (len(micro) / len(mb))).backward()
-                for k, val in (
-                    ("policy_loss", float(pg)),
-                    ("value_loss", float(vf)),
-                    ("entropy", float(ent_mean)),
-                    ("approx_kl", st.approx_kl),
-                    ("clipfrac", st.clipfrac),
-                    ("vf_clipfrac", vf_frac),
-                ):
-                    sums[k] = sums.get(k, 0.0) + val
+                    vf, vf_frac = clipped_value_loss(
+                        v, micro.values, micro.returns, micro.mask, pc.value_clip, count=count
+                    )
+                    assert ent is not None
+                    ent_mean = masked_mean(ent, micro.mask, count=count)
+                    loss = pg + pc.vf_coef * vf - pc.entropy_coef * ent_mean
+                    local = (loss, pg, vf, ent_mean, st.approx_kl, st.clipfrac, vf_frac)
+                    vals = dict(zip(keys, dist.sums([_item(x) for x in local]), strict=True))
+                    on_bad(
+                        loss=vals["loss"],
+                        policy_loss=vals["policy_loss"],
+                        value_loss=vals["value_loss"],
+                    )
+                    # DDP averages over ranks; the ranks' losses add up to the global micro-batch's
+                    share = (end - start) / len(mb) * world
+                    (loss * share).backward()
+                for k in keys[1:]:
+                    sums[k] = sums.get(k, 0.0) + vals[k]
                 n += 1
             gp = grad_norm(models.policy, pc.max_grad_norm)
             gv = grad_norm(models.value, pc.max_grad_norm)
@@ -278,10 +352,12 @@ def ppo_update(
 # ------------------------------------------------------------------------------- the loop
 
 
-def total_steps(n_prompts: int, pc: PPOConfig) -> int:
+def total_steps(n_prompts: int, pc: PPOConfig, world: int = 1) -> int:
+    """PPO steps of the run: ``max_steps``, else ``epochs`` passes over the prompts in global
+    batches of ``rollout_batch_size * world``."""
     if pc.max_steps > 0:
         return pc.max_steps
-    return max(1, math.ceil(pc.epochs * n_prompts / pc.rollout_batch_size))
+    return max(1, math.ceil(pc.epochs * n_prompts / (pc.rollout_batch_size * world)))
 
 
 def calibrate_value_head(head: torch.nn.Linear, mean: float, std: float) -> None:
@@ -308,17 +384,24 @@ def train(
     backend: BackendConfig | None = None,
     amp: torch.dtype | None = None,
     fingerprint: str = "",
+    dist: Dist | None = None,
 ) -> TrainResult:
-    """Run PPO to ``total_steps`` (resuming from the newest checkpoint under ``ckpt_root``)."""
+    """Run PPO to ``total_steps`` (resuming from the newest checkpoint under ``ckpt_root``).
+
+    ``dist``: data-parallel over its processes (module docstring); only its main process writes
+    checkpoints and metrics. Every rank returns the same result.
+    """
     from tqdm import tqdm
 
+    dist = dist or Dist()
+    world = dist.world
+    n_global = pc.rollout_batch_size * world  # episodes per step, over all processes
+    lo, hi = shard_bounds(n_global, world, dist.rank)  # this rank's episodes
     lm = HFLM.from_objects(models.policy, models.tokenizer, backend, name="policy")
     max_prompt = max(8, pc.max_length - pc.max_new_tokens)
     encoded = [lm.encode(m)[-max_prompt:] for m in prompts]
-    steps = total_steps(len(prompts), pc)
-    per_step = pc.ppo_epochs * math.ceil(
-        pc.rollout_batch_size / max(1, pc.batch_size * pc.grad_accum)
-    )
+    steps = total_steps(len(prompts), pc, world)
+    per_step = pc.ppo_epochs * math.ceil(n_global / max(1, pc.batch_size * pc.grad_accum * world))
     both = torch.nn.ModuleDict({"policy": models.policy, "value": models.value})
     optimizer, scheduler = build_optimizer(both, pc, steps * per_step)
     if pc.lr_schedule == "constant":
@@ -340,21 +423,33 @@ def train(
         moments = RunningMoments.from_state(state["moments"])
         calibrated = bool(state.get("value_calibrated", False))
         log.info("ppo: resuming from %s (step %d of %d)", last, start, steps)
-    metrics = MetricsLog(metrics_path, resume_step=start if last is not None else None)
+    ent_mode = "grad" if pc.entropy_coef else True
+    forward, optimizer = dist.prepare(
+        both, optimizer, lambda m, s: policy_and_value(m, s, pc.temperature, ent_mode)
+    )
+    metrics = MetricsLog(
+        metrics_path, resume_step=start if last is not None else None, active=dist.main
+    )
     result = TrainResult(steps=start, resumed_from=start)
-    bar = tqdm(range(start + 1, steps + 1), desc="ppo", unit="step", initial=start, total=steps)
+    bar = tqdm(
+        range(start + 1, steps + 1), desc="ppo", unit="step", initial=start, total=steps,
+        disable=not dist.main,
+    )  # fmt: skip
     for step in bar:
         t0 = time.perf_counter()
         torch.manual_seed(seed * 1_000_003 + step)
-        idx = prompt_schedule(len(prompts), pc.rollout_batch_size, step, seed)
+        idx = prompt_schedule(len(prompts), n_global, step, seed)
+        # a row's seed follows its place in the global batch, not the process it lands on
         seeds = [(seed * 1_000_003 + step) * 4099 + k for k in range(len(idx))]
-        samples, texts = sample(lm, [encoded[i] for i in idx], pc, seeds)
+        mine = idx[lo:hi]
+        samples, texts = sample(lm, [encoded[i] for i in mine], pc, seeds[lo:hi])
         t_gen = time.perf_counter() - t0
         convs = [
             [*prompts[i], {"role": "assistant", "content": t}]
-            for i, t in zip(idx, texts, strict=True)
+            for i, t in zip(mine, texts, strict=True)
         ]
         raw = [float(x) for x in models.scorer.score(convs, batch_size=pc.pm_batch_size)]
+        raw = gather_floats(dist, raw, n_global)
         bad = functools.partial(check_finite, step, "ppo", last)
         bad(reward=sum(raw))
         scores = raw
@@ -364,13 +459,18 @@ def train(
             if pc.value_from_pm and not calibrated:
                 calibrate_value_head(models.value.head, moments.mean, moments.std)
             calibrated = True
+        per_token = rollout_forwards(models, samples, pc, amp)
+        samples, per_token = gather_episodes(dist, samples, per_token, lm.pad_id, n_global)
         trunc = samples.truncated.tolist()
         scores = [s - pc.truncation_penalty * float(t) for s, t in zip(scores, trunc, strict=True)]
-        ro = make_rollout(models, samples, raw, scores, pc, kl_ctl.value, amp)
+        old, ref, values = per_token
+        ro = make_rollout(samples, old, ref, values, raw, scores, pc, kl_ctl.value)
         seq_kl = float(ro.kl.sum(1).mean())
         bad(kl=seq_kl)
         gen = torch.Generator().manual_seed(seed * 7919 + step)
-        stats = ppo_update(models, ro, optimizer, scheduler, pc, gen, amp, bad)
+        stats = ppo_update(
+            models, ro, optimizer, scheduler, pc, gen, amp, bad, forward=forward, dist=dist
+        )
         beta_used = kl_ctl.value
         kl_ctl.update(seq_kl, len(idx))
         row = {
@@ -385,7 +485,7 @@ def train(
             **stats,
             "gen_s": t_gen,
             "step_s": time.perf_counter() - t0,
-            "episodes": step * pc.rollout_batch_size,
+            "episodes": step * n_global,
         }
         if (step % max(1, pc.log_every) == 0) or step == steps:
             metrics.log(step, **row)
@@ -399,8 +499,12 @@ def train(
                 "moments": moments.state(),
                 "value_calibrated": calibrated,
             }
-            last = save_ppo_checkpoint(
-                ckpt_root, step, models, optimizer, scheduler, state, pc.keep_checkpoints
-            )
+            last = dist.on_main(
+                functools.partial(
+                    save_ppo_checkpoint,
+                    ckpt_root, step, models, optimizer, scheduler, state, pc.keep_checkpoints,
+                )
+            )  # fmt: skip
     bar.close()
+    dist.release()
     return result
