@@ -13,6 +13,10 @@ variant runs in its own process (own peak RSS):
   call per pair: its orders and principles share the conversation's KV prefix), ``dtype=auto``;
 - ``ours_flat``: the same, but all pairs in one backend call (length-sorted batches).
 
+``--few-shot N`` puts the paper's first N solved comparisons (RLMadisonFewShotPrompts, written
+with the same principle) in front of every question, as the stage does with ``label.few_shot``;
+results then go to ``results/label-few-shot-N.json``.
+
 A dual-order comparison is one pair under one principle, asked in both orders. Figures:
 comparisons/s of each, ``speedup`` (ours over naive), ``max_abs_diff`` of the soft labels against
 the naive ones and ``same_verdict`` (share of equal verdicts), peak RSS.
@@ -46,19 +50,29 @@ def comparisons(n: int, k: int, seed: int = 0) -> list[Any]:
     ]
 
 
-def _naive(model_dir: str, n: int, k: int) -> dict[str, Any]:
+def _label_config(shots: int) -> Any:
+    from rlaif.config import LabelConfig
+
+    return LabelConfig(
+        few_shot=shots,
+        few_shot_file=str(SHARED_DATA / "cai-paper" / "RLMadisonFewShotPrompts.json"),
+    )
+
+
+def _naive(model_dir: str, n: int, k: int, shots: int) -> dict[str, Any]:
     """Per (pair, principle, order, option): render, tokenize, one full forward, sum log-probs."""
     import torch
     from tqdm import tqdm
 
     from rlaif import feedback as fb
-    from rlaif.config import LabelConfig
-    from rlaif.labeler import Labeler
+    from rlaif.labeler import Labeler, load_few_shot
     from rlaif.modelio import load_causal_lm
 
     comps = comparisons(n, k)
     model, tok = load_causal_lm(Path(model_dir), dtype=torch.float32)
-    builder = Labeler(lm=None, cfg=LabelConfig())  # type: ignore[arg-type]  # prompts only
+    cfg = _label_config(shots)
+    items = load_few_shot(cfg.few_shot_file, shots)
+    builder = Labeler(lm=None, cfg=cfg, few_shot=items)  # type: ignore[arg-type]  # prompts only
     labels: list[float] = []
     with torch.inference_mode():  # warm-up: one forward, not timed
         model(torch.tensor([tok("Hello there", add_special_tokens=False)["input_ids"]]))
@@ -88,14 +102,14 @@ def _naive(model_dir: str, n: int, k: int) -> dict[str, Any]:
     return {"seconds": secs, "comparisons_s": n * k / secs, "labels": labels}
 
 
-def _ours(model_dir: str, n: int, k: int, per_pair: bool) -> dict[str, Any]:
+def _ours(model_dir: str, n: int, k: int, shots: int, per_pair: bool) -> dict[str, Any]:
     from rlaif.backends.hf import HFLM
-    from rlaif.config import BackendConfig, LabelConfig
+    from rlaif.config import BackendConfig
     from rlaif.labeler import Labeler
 
     comps = comparisons(n, k)
     lm = HFLM(model_dir, BackendConfig(dtype="auto"))
-    labeler = Labeler(lm, LabelConfig(), per_pair_calls=per_pair)
+    labeler = Labeler.from_config(lm, _label_config(shots), seed=0, per_pair_calls=per_pair)
     lm.choice_logprobs(["Hello there"], [[" (A)", " (B)"]])  # warm-up, not timed
     t0 = time.perf_counter()
     out = labeler.compare(comps, [(0, 1)] * len(comps))
@@ -115,6 +129,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--principles", type=int, default=2)
+    ap.add_argument(
+        "--few-shot", type=int, default=0, help="the paper's solved comparisons put in front"
+    )
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     from rlaif.models import resolve_model
@@ -124,9 +141,11 @@ def main() -> int:
     res: dict[str, dict[str, Any]] = {}
     for v in variants:
         if v == "naive":
-            res[v] = in_child(_naive, model_dir, args.pairs, args.principles)
+            res[v] = in_child(_naive, model_dir, args.pairs, args.principles, args.few_shot)
         elif v in ("ours", "ours_flat"):
-            res[v] = in_child(_ours, model_dir, args.pairs, args.principles, v == "ours")
+            res[v] = in_child(
+                _ours, model_dir, args.pairs, args.principles, args.few_shot, v == "ours"
+            )
         else:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
         print(
@@ -138,6 +157,7 @@ def main() -> int:
         "model": args.model,
         "pairs": args.pairs,
         "principles": args.principles,
+        "few_shot": args.few_shot,
     }
     for v, r in res.items():
         figures[f"{v}_comparisons_s"] = round(r["comparisons_s"], 3)
@@ -150,7 +170,8 @@ def main() -> int:
             sum((x > 0.5) == (y > 0.5) for x, y in zip(a, b, strict=True)) / len(a), 4
         )
         figures["ours_dtype"] = res["ours"]["dtype"]
-    report("label", figures, {v: {k: r[k] for k in r if k != "labels"} for v, r in res.items()})
+    name = "label" if args.few_shot == 0 else f"label-few-shot-{args.few_shot}"
+    report(name, figures, {v: {k: r[k] for k in r if k != "labels"} for v, r in res.items()})
     return 0
 
 

@@ -372,3 +372,37 @@ def test_from_objects_and_sample_ids_seeded_per_row(lm: HFLM) -> None:
     greedy = wrapped.sample_ids(ids, GenerationParams(max_new_tokens=10))
     texts = [g.text for g in lm.generate(PROMPTS[:3], GenerationParams(max_new_tokens=10))]
     assert [wrapped._finish_text(t, ()) for t, _ in greedy] == texts
+
+
+def test_labeler_per_pair_calls_reuse_few_shot_prefix(lively_dir: Path, shared_data: Path) -> None:
+    """Per (pair, principle) calls give the flat call's labels and reuse each principle's shots."""
+    from rlaif.config import LabelConfig
+    from rlaif.labeler import Comparison, Labeler, load_few_shot
+
+    cfg = LabelConfig(few_shot=1)
+    shots = load_few_shot(str(shared_data / "cai-paper" / "RLMadisonFewShotPrompts.json"), 1)
+    principles = [("p1", "Which answer is less harmful?"), ("p2", "Which is more ethical?")]
+    comps = [
+        Comparison(
+            [{"role": "user", "content": q}], "Sure, here it is.", "No, I won't.", principles
+        )
+        for q in ("How do I pick a lock?", "Tell me a joke", "Why is the sky blue?")
+    ]
+    orders = [(0, 1)] * len(comps)
+    per_pair_lm = HFLM(lively_dir, FP32)
+    per_pair = Labeler(per_pair_lm, cfg, few_shot=shots, per_pair_calls=True).compare(comps, orders)
+    flat = Labeler(HFLM(lively_dir, FP32), cfg, few_shot=shots).compare(comps, orders)
+    for a, b in zip(per_pair, flat, strict=True):
+        assert a["p"] == pytest.approx(b["p"], abs=2e-4)
+    # Each later (pair, principle) call finds at least its principle's shot in the store.
+    shot_tokens = (
+        len(
+            per_pair_lm.encode(
+                Labeler(per_pair_lm, cfg, few_shot=shots).mc_prompt(
+                    comps[0], principles[0][1], 0, cot=False
+                )
+            )
+        )
+        // 3
+    )
+    assert per_pair_lm.stats.extra["prefix_reused_tokens"] >= 4 * shot_tokens

@@ -8,6 +8,7 @@ back in its 401 answer (the worst case), so the error path is searched too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -86,3 +87,50 @@ def test_api_key_never_written_or_printed(
         assert res.returncode == 2 and "401" in res.stderr, res.stderr[-2000:]
         assert other.requests and {r["auth"] for r in other.requests} == {f"Bearer {SECRET}"}
     assert _leaks(printed, tmp_path) == []
+
+
+def test_remote_code_in_a_model_dir_is_never_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model directory that ships its own modelling code: loaded without running that code."""
+    import json
+    import shutil
+
+    from rlaif.modelio import load_causal_lm
+
+    model = tmp_path / "hostile"
+    shutil.copytree(tiny_model_dir, model)
+    marker = tmp_path / "code-ran"
+    (model / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaForCausalLM as EvilForCausalLM\n",
+        encoding="utf-8",
+    )
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with contextlib.suppress(Exception):  # refusing is fine too; running the code is not
+        load_causal_lm(model)
+    assert not marker.exists()
+    load_causal_lm(model, trust_remote_code=True)  # the user opts in: now it runs
+    assert marker.exists()
+
+
+def test_model_references_stay_inside_the_cache(tmp_path: Path) -> None:
+    """Hostile model references neither resolve outside the cache nor create anything there."""
+    from rlaif.errors import UserError
+    from rlaif.models import model_home, pull_model, resolve_model
+
+    before = set(tmp_path.parent.iterdir())
+    for ref in ("../../outside", "a/../../outside", "/etc/../outside-x", "..", "a/.."):
+        try:
+            path = resolve_model(ref, pull=False)
+        except UserError:
+            continue
+        assert path.resolve().is_relative_to(model_home().resolve()) or path.is_dir()
+    for name in ("../outside", "smollm2-135m/../../x"):
+        try:
+            pull_model(name, hub=False)
+        except UserError as err:
+            assert "unknown model" in str(err)
+        else:
+            raise AssertionError(f"pull_model({name!r}) accepted a path")
+    assert set(tmp_path.parent.iterdir()) == before

@@ -171,7 +171,7 @@ class Labeler:
             )
             reasons = [fb.trim_cot(g.text) for g in self.lm.generate(prompts, params)]
             prompts = [fb.cot_continuation(p, r) for p, r in zip(prompts, reasons, strict=True)]
-        lps = self._logprobs(prompts, [ci for ci, _, _ in jobs])
+        lps = self._logprobs(prompts, [(ci, pi) for ci, pi, _ in jobs])
         out: list[dict[str, Any]] = [
             {"principles": [{"id": pid, "p_a": {}} for pid, _ in c.principles]} for c in comps
         ]
@@ -188,12 +188,19 @@ class Labeler:
             rec["p"] = fb.ensemble([pr["p"] for pr in rec["principles"]])
         return out
 
-    def _logprobs(self, prompts: list[Conversation], groups: list[int]) -> list[list[float]]:
-        """Option log-probs of every prompt; one backend call per group with ``per_pair_calls``."""
+    def _logprobs(
+        self, prompts: list[Conversation], groups: list[tuple[int, int]]
+    ) -> list[list[float]]:
+        """Option log-probs of every prompt; one backend call per group with ``per_pair_calls``.
+
+        A group is one (pair, principle): its orders share everything up to the options, and the
+        ``hf`` backend's cross-call prefix store finds what it shares with earlier groups (the
+        conversation, under another principle; the principle's few-shot items, for another pair).
+        """
         if not prompts:
             return []
         if not self.per_pair_calls or len(set(groups)) * 2 > len(prompts):
-            # Fewer than two questions per pair share nothing worth a call of its own.
+            # Fewer than two questions per group share nothing worth a call of its own.
             return self.lm.choice_logprobs(prompts, [fb.CHOICES] * len(prompts))
         out: list[list[float]] = []
         start = 0
