@@ -66,6 +66,9 @@ def test_judge_that_reads_the_answers() -> None:
     assert res["ece_dual"] == pytest.approx(0.3)
     # pointwise: 0.5 + (0.8 - 0.4) / 2 = 0.7
     assert res["ece_pointwise"] == pytest.approx(0.3)
+    # The per-pair probabilities behind the figures (the report's calibration plot reads them).
+    assert res["probs_dual"] == pytest.approx([0.7] * len(prefs))
+    assert res["probs_pointwise"] == pytest.approx([0.7] * len(prefs))
 
 
 def test_cli_on_tiny_model(

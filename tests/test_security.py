@@ -66,14 +66,16 @@ def test_api_key_never_written_or_printed(
              "label.limit=2", "label.max_new_tokens=6", "label.helpful_pairs="],
             ["evaluate", "evaluate.checkpoints=[base=tiny,again=tiny]", f"revise.prompts={prompts}",
              "revise.helpful_prompts=", "evaluate.n_harmful=2", "evaluate.max_new_tokens=6",
-             "evaluate.bootstrap=10"],
+             "evaluate.bootstrap=10", "evaluate.labeler_pairs=4",
+             f"evaluate.labeler_file={prompts}"],
         ]  # fmt: skip
         for args in stages:
             res = _rlaif([args[0], *common, *args[1:]])
             printed += [res.stdout, res.stderr]
             assert res.returncode == 0, res.stderr[-3000:]
         assert srv.requests and {r["auth"] for r in srv.requests} == {f"Bearer {SECRET}"}
-    for name in ("revisions.jsonl", "labels.jsonl", "report.md", "manifests/evaluate.json"):
+    files = ("revisions.jsonl", "labels.jsonl", "report.md", "manifests/evaluate.json")
+    for name in (*files, "plots/elo.png", "plots/calibration.png"):
         assert (run / name).is_file(), name
     # A server that refuses the key quotes the key it got in its error answer.
     with OpenAITestServer(tiny_model_dir, options=ServerOptions(api_key="another-key")) as other:

@@ -147,6 +147,7 @@ def evaluate(
     for m, ps in labels.items():
         res[f"acc_{m}"] = fb.accuracy(ps)
         res[f"ece_{m}"] = fb.expected_calibration_error(ps)
+        res[f"probs_{m}"] = [round(p, 5) for p in ps]  # P(human choice better), for calibration
     main = next(
         (m for m in ("ensemble", "dual", "single", "pointwise", "cot") if m in labels), None
     )
@@ -236,6 +237,8 @@ def main(argv: Sequence[str]) -> int:
         chat=cfg.label.chat,
     )
     for key, value in res.items():
+        if isinstance(value, list):  # per-pair probabilities: in the JSON (out=), not printed
+            continue
         print(
             f"  {key:>16}: {value:.4f}" if isinstance(value, float) else f"  {key:>16}: {value}",
             file=sys.stderr,
