@@ -67,8 +67,8 @@ def test_stage_records_orders_principles_and_mixes_preferences(
     # Answers from the policy, labels from the feedback model: separate models.
     assert fake["fake-policy"].generate_calls == 2 * 2  # two seeded passes x two chunks
     assert fake["fake-judge"].generate_calls == 0
-    # 6 pairs x 3 principles x 2 orders, one choice_logprobs call per pair (hf backend).
-    assert fake["fake-judge"].questions == 36 and fake["fake-judge"].choice_calls == 6
+    # 6 pairs x 3 principles x 2 orders, one choice_logprobs call per (pair, principle) (hf).
+    assert fake["fake-judge"].questions == 36 and fake["fake-judge"].choice_calls == 18
     for r in recs:
         assert r["orders"] == [0, 1] and len(r["principles"]) == 3
         assert len({p["id"] for p in r["principles"]}) == 3

@@ -103,7 +103,8 @@ def test_remote_code_in_a_model_dir_is_never_run(tiny_model_dir: Path, tmp_path:
     marker = tmp_path / "code-ran"
     (model / "evil.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import LlamaForCausalLM as EvilForCausalLM\n",
+        "from transformers import LlamaForCausalLM\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    pass\n",
         encoding="utf-8",
     )
     cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
