@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from rlaif.elo import Comparison, elo_table
 from rlaif.report import reliability_bins, write_report
 
@@ -35,7 +37,11 @@ def test_report_has_tables_plots_and_transcripts(tmp_path: Path) -> None:
 
 
 def test_reliability_bins() -> None:
-    rows = reliability_bins([0.95, 0.92, 0.05, 0.55], bins=10)
-    # 0.05 sits in the first bin: confidence 0.95, wrong (p < 0.5 for the human choice).
-    assert rows[0] == (0.95, 0.0, 1)
-    assert rows[-1][2] == 2 and rows[-1][1] == 1.0
+    rows = reliability_bins([0.95, 0.92, 0.05, 0.55, 0.4, 0.5], bins=5)
+    # Bins of confidence max(p, 1 - p) on [0.5, 1], width 0.1. 0.55 and 0.5 (confidence 0.55 and
+    # 0.5): right and a tie (half). 0.4 (confidence 0.6): wrong. 0.92 and 0.95 right, 0.05 wrong
+    # with the same confidence 0.95.
+    assert rows[0] == pytest.approx((0.525, 0.75, 2))
+    assert rows[1] == pytest.approx((0.6, 0.0, 1))
+    assert rows[2] == pytest.approx((0.94, 2 / 3, 3))
+    assert len(rows) == 3
