@@ -65,14 +65,12 @@ def _naive(model_dir: str, n: int, k: int, shots: int) -> dict[str, Any]:
     from tqdm import tqdm
 
     from rlaif import feedback as fb
-    from rlaif.labeler import Labeler, load_few_shot
+    from rlaif.labeler import Labeler
     from rlaif.modelio import load_causal_lm
 
     comps = comparisons(n, k)
     model, tok = load_causal_lm(Path(model_dir), dtype=torch.float32)
-    cfg = _label_config(shots)
-    items = load_few_shot(cfg.few_shot_file, shots)
-    builder = Labeler(lm=None, cfg=cfg, few_shot=items)  # type: ignore[arg-type]  # prompts only
+    builder = Labeler.from_config(None, _label_config(shots), seed=0)  # type: ignore[arg-type]  # prompts only
     labels: list[float] = []
     with torch.inference_mode():  # warm-up: one forward, not timed
         model(torch.tensor([tok("Hello there", add_special_tokens=False)["input_ids"]]))

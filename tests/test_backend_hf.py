@@ -390,19 +390,12 @@ def test_labeler_per_pair_calls_reuse_few_shot_prefix(lively_dir: Path, shared_d
     ]
     orders = [(0, 1)] * len(comps)
     per_pair_lm = HFLM(lively_dir, FP32)
-    per_pair = Labeler(per_pair_lm, cfg, few_shot=shots, per_pair_calls=True).compare(comps, orders)
+    labeler = Labeler(per_pair_lm, cfg, few_shot=shots, per_pair_calls=True)
+    per_pair = labeler.compare(comps, orders)
     flat = Labeler(HFLM(lively_dir, FP32), cfg, few_shot=shots).compare(comps, orders)
     for a, b in zip(per_pair, flat, strict=True):
         assert a["p"] == pytest.approx(b["p"], abs=2e-4)
     # Each later (pair, principle) call finds at least its principle's shot in the store.
-    shot_tokens = (
-        len(
-            per_pair_lm.encode(
-                Labeler(per_pair_lm, cfg, few_shot=shots).mc_prompt(
-                    comps[0], principles[0][1], 0, cot=False
-                )
-            )
-        )
-        // 3
-    )
+    question = labeler.mc_prompt(comps[0], principles[0][1], 0, cot=False)
+    shot_tokens = len(per_pair_lm.encode(question)) // 3
     assert per_pair_lm.stats.extra["prefix_reused_tokens"] >= 4 * shot_tokens

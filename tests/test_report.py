@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from rlaif.elo import Comparison, elo_table
-from rlaif.report import reliability_bins, write_report
+from rlaif.feedback import calibration_bins
+from rlaif.report import write_report
 
 
 def test_report_has_tables_plots_and_transcripts(tmp_path: Path) -> None:
@@ -36,8 +37,8 @@ def test_report_has_tables_plots_and_transcripts(tmp_path: Path) -> None:
         assert f"plots/{png}" in text
 
 
-def test_reliability_bins() -> None:
-    rows = reliability_bins([0.95, 0.92, 0.05, 0.55, 0.4, 0.5], bins=5)
+def test_calibration_bins() -> None:
+    rows = calibration_bins([0.95, 0.92, 0.05, 0.55, 0.4, 0.5], bins=5)
     # Bins of confidence max(p, 1 - p) on [0.5, 1], width 0.1. 0.55 and 0.5 (confidence 0.55 and
     # 0.5): right and a tie (half). 0.4 (confidence 0.6): wrong. 0.92 and 0.95 right, 0.05 wrong
     # with the same confidence 0.95.

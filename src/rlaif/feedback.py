@@ -273,23 +273,30 @@ def accuracy(labels: Sequence[float]) -> float:
     return sum(verdict(p) for p in labels) / len(labels)
 
 
-def expected_calibration_error(labels: Sequence[float], bins: int = 10) -> float:
-    """ECE of the verdicts: confidence ``max(p, 1-p)`` in equal-width bins over [0.5, 1].
+def calibration_bins(labels: Sequence[float], bins: int = 10) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, count) of each non-empty bin of confidence ``max(p, 1-p)``.
 
-    ``labels`` are P(human-chosen answer better); a verdict is right when ``p > 0.5`` (ties
-    count as half right). ECE = sum over bins of (share of pairs) * |accuracy - mean confidence|.
+    ``bins`` equal-width bins over [0.5, 1]; ``labels`` are P(human-chosen answer better), a
+    verdict is right when ``p > 0.5`` (ties count as half right).
     """
-    if not labels:
-        raise ValueError("no labels")
     sums: list[list[float]] = [[0.0, 0.0, 0.0] for _ in range(bins)]  # count, conf, correct
     for p in labels:
         conf = max(p, 1.0 - p)
-        b = min(bins - 1, int((conf - 0.5) * 2 * bins))
+        # Rounded so a confidence on a bin edge (0.6 with 5 bins) is not pushed down by float error.
+        b = min(bins - 1, int(round((conf - 0.5) * 2 * bins, 9)))
         sums[b][0] += 1
         sums[b][1] += conf
         sums[b][2] += verdict(p)
+    return [(c / cnt, k / cnt, int(cnt)) for cnt, c, k in sums if cnt]
+
+
+def expected_calibration_error(labels: Sequence[float], bins: int = 10) -> float:
+    """ECE of the verdicts: sum over :func:`calibration_bins` of (share of pairs) * |accuracy -
+    mean confidence|."""
+    if not labels:
+        raise ValueError("no labels")
     n = len(labels)
-    return sum(abs(c - k) / n for cnt, c, k in sums if cnt)
+    return sum(cnt / n * abs(acc - conf) for conf, acc, cnt in calibration_bins(labels, bins))
 
 
 def order_flip(p_a_order0: float, p_a_order1: float) -> bool:

@@ -69,27 +69,11 @@ def plot_curves(
     return out
 
 
-def reliability_bins(probs: Sequence[float], bins: int = 10) -> list[tuple[float, float, int]]:
-    """(mean confidence, share correct, count) per confidence bin, ``bins`` equal bins on [0.5, 1].
-
-    ``probs`` are the labeller's probabilities for the human-preferred answer: its confidence is
-    ``max(p, 1 - p)`` and it is right when ``p > 0.5`` (an exact 0.5 counts half). A calibrated
-    labeller's share correct equals its mean confidence in every bin.
-    """
-    out = []
-    for b in range(bins):
-        lo, hi = 0.5 + 0.5 * b / bins, 0.5 + 0.5 * (b + 1) / bins
-        inside = [p for p in probs if lo <= max(p, 1 - p) < hi or (b == bins - 1 and p in (0, 1))]
-        if inside:
-            conf = [max(p, 1 - p) for p in inside]
-            right = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in inside]
-            out.append((sum(conf) / len(conf), sum(right) / len(right), len(inside)))
-    return out
-
-
 def plot_calibration(probs: Sequence[float], out: Path) -> Path:
     plt = _plt()
-    rows = reliability_bins(probs, bins=5)
+    from rlaif.feedback import calibration_bins
+
+    rows = calibration_bins(probs, bins=5)
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.plot([0.5, 1], [0.5, 1], "--", color="grey", lw=0.8, label="calibrated")
     ax.set_ylim(-0.05, 1.05)
