@@ -36,6 +36,8 @@ from tests.test_sft import state_dict, train_args, write_run_inputs
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 CPU2 = ROOT / "configs" / "accelerate" / "cpu2.yaml"
+FSDP_CPU2 = ROOT / "configs" / "accelerate" / "fsdp-cpu2.yaml"
+LAYOUTS = pytest.mark.parametrize("layout", [CPU2, FSDP_CPU2], ids=["ddp", "fsdp"])
 RTOL = 1e-4
 
 
@@ -45,9 +47,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_cmd(args: list[str], program: tuple[str, ...] = ("-m", "rlaif")) -> list[str]:
+def launch_cmd(
+    args: list[str], program: tuple[str, ...] = ("-m", "rlaif"), layout: Path = CPU2
+) -> list[str]:
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU2),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(layout),
         "--main_process_port", str(free_port()), *program, *args,
     ]  # fmt: skip
 
@@ -56,9 +60,14 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 
 
-def launch(args: list[str]) -> subprocess.CompletedProcess[str]:
+def launch(args: list[str], layout: Path = CPU2) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
-        launch_cmd(args), env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT
+        launch_cmd(args, layout=layout),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -164,13 +173,23 @@ def test_padded_samples_keep_every_token_in_place() -> None:
 # ---------------------------------------------------------------- 1 vs 2 processes
 
 
-def test_sft_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, fixtures: Path) -> None:
+@LAYOUTS
+def test_sft_two_processes_match_one(
+    tmp_path: Path, tiny_model_dir: Path, fixtures: Path, layout: Path
+) -> None:
+    """DDP, and FSDP (weights and optimizer state sharded, gathered for the checkpoints and the
+    export): the same curve and final weights as one process."""
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         write_run_inputs(d, fixtures)  # 21 examples: batches of 4, 4, 4, 4, 4 and 1 per epoch
     extra = {"sft.max_steps": 6, "sft.grad_accum": 2, "sft.save_every": 3}
     assert main(["sft", *train_args(one, tiny_model_dir, **extra)]) == 0
-    launch(["sft", *train_args(two, tiny_model_dir, **{**extra, "sft.batch_size": 2})])
+    res = launch(
+        ["sft", *train_args(two, tiny_model_dir, **{**extra, "sft.batch_size": 2})], layout
+    )
+    if layout == FSDP_CPU2:  # really sharded: each process holds about half of the weights
+        held = re.findall(r"FSDP2: 2 LlamaDecoderLayer blocks sharded; .* \((\d+)%\)", res.stderr)
+        assert len(held) == 2 and all(45 <= int(h) <= 55 for h in held), res.stderr[-2000:]
 
     a = read_metrics(one / "metrics" / "sft.jsonl")
     b = read_metrics(two / "metrics" / "sft.jsonl")
@@ -181,12 +200,14 @@ def test_sft_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, fixtu
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     man = json.loads((two / "manifests" / "sft.json").read_text())
     assert man["config"]["processes"] == 2 and man["steps"] == 6
+    assert man["config"].get("sharding") == ("fsdp2" if layout == FSDP_CPU2 else None)
     assert not (two / "checkpoints" / "sft").exists()
     no_leftovers(two)
 
 
+@LAYOUTS
 def test_reward_two_processes_match_one(
-    tmp_path: Path, tiny_model_dir: Path, fixtures: Path
+    tmp_path: Path, tiny_model_dir: Path, fixtures: Path, layout: Path
 ) -> None:
     from rlaif.data.preferences import load_preferences
 
@@ -209,7 +230,7 @@ def test_reward_two_processes_match_one(
         ]  # fmt: skip
 
     assert main(args(one, 4)) == 0
-    launch(args(two, 2))
+    launch(args(two, 2), layout)
 
     a = read_metrics(one / "metrics" / "reward.jsonl")
     b = read_metrics(two / "metrics" / "reward.jsonl")
@@ -333,11 +354,17 @@ def test_ppo_nan_on_one_rank_stops_both(tmp_path: Path, tiny_model_dir: Path) ->
         assert [r["step"] for r in read_metrics(tmp_path / where / "m.jsonl")] == [1, 2]
 
 
-def kill_after_first_checkpoint(args: list[str], run_dir: Path, stage: str) -> int:
+def kill_after_first_checkpoint(
+    args: list[str], run_dir: Path, stage: str, layout: Path = CPU2
+) -> int:
     """Launch ``args`` on 2 processes, SIGKILL the launcher and both workers as soon as a
     checkpoint appears; return the step of the newest checkpoint left."""
     proc = subprocess.Popen(
-        launch_cmd(args), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        launch_cmd(args, layout=layout),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     ckpt_root = run_dir / "checkpoints" / stage
     deadline = time.monotonic() + 300
@@ -355,20 +382,33 @@ def kill_after_first_checkpoint(args: list[str], run_dir: Path, stage: str) -> i
     return max(int(p.name.split("-")[1]) for p in ckpt_root.glob("step-*"))
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout,lora",
+    [
+        pytest.param(CPU2, False, id="ddp", marks=pytest.mark.slow),
+        pytest.param(FSDP_CPU2, True, id="fsdp-lora"),
+    ],
+)
 def test_killed_two_process_run_resumes(
-    tmp_path: Path, tiny_model_dir: Path, fixtures: Path
+    tmp_path: Path, tiny_model_dir: Path, fixtures: Path, layout: Path, lora: bool
 ) -> None:
-    """SIGKILL the whole 2-process group after its first checkpoint; the rerun resumes on 2."""
+    """SIGKILL the whole 2-process group after its first checkpoint; the rerun resumes on 2.
+
+    Under FSDP the checkpoint holds the weights gathered from the shards and the optimizer
+    state by parameter name; the resumed run reloads both into its shards (with LoRA: the
+    adapters and their Adam moments) and ends on the one-process curve."""
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         write_run_inputs(d, fixtures)
-    extra = {"sft.max_steps": 40, "sft.save_every": 2}
+    extra: dict[str, Any] = {"sft.max_steps": 40, "sft.save_every": 2}
+    if lora:
+        # no dropout: its masks are drawn per process, so they differ from one process's
+        extra |= {"sft.lora": "true", "sft.lora_r": 4, "sft.lora_dropout": 0.0}
     assert main(["sft", *train_args(one, tiny_model_dir, **extra)]) == 0
     args = ["sft", *train_args(two, tiny_model_dir, **{**extra, "sft.batch_size": 2})]
-    killed_at = kill_after_first_checkpoint(args, two, "sft")
+    killed_at = kill_after_first_checkpoint(args, two, "sft", layout)
     assert 0 < killed_at < 40
-    res = launch(args)
+    res = launch(args, layout)
     assert f"resuming from {two / 'checkpoints' / 'sft'}" in res.stderr
     a = read_metrics(one / "metrics" / "sft.jsonl")
     b = read_metrics(two / "metrics" / "sft.jsonl")
@@ -418,3 +458,34 @@ def test_dpo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, fixtu
     assert_same_curve(a, b, ["loss"])
     assert json.loads((two / "manifests" / "dpo.json").read_text())["config"]["processes"] == 2
     no_leftovers(two)
+
+
+def test_unsupported_sharding_is_refused_in_one_line(
+    tmp_path: Path, tiny_model_dir: Path, fixtures: Path
+) -> None:
+    """`ppo` runs DDP only; `dpo`'s trainer shards on GPUs only (accelerate would quietly fall
+    back to DDP on CPUs): both stop at the start with one line saying so, on every process."""
+    from rlaif.pm import new_pm
+    from tests.test_dpo import dpo_args, write_preferences
+
+    pm_dir = tmp_path / "pm"
+    new_pm(tiny_model_dir).save_pretrained(pm_dir)
+    write_preferences(tmp_path / "d", fixtures)
+    cases = {
+        "accelerate FSDP, `rlaif ppo`: the stage runs DDP only": ppo_args(
+            tmp_path / "p", tiny_model_dir, pm_dir
+        ),
+        "accelerate FSDP on CPUs: the trainer runs it on GPUs only": [
+            "dpo",
+            *dpo_args(tmp_path / "d", tiny_model_dir),
+        ],
+    }
+    for message, args in cases.items():
+        res = subprocess.run(
+            launch_cmd(args, layout=FSDP_CPU2), env=env(), capture_output=True, text=True,
+            timeout=600, cwd=ROOT,
+        )  # fmt: skip
+        assert res.returncode != 0
+        # one line from each process (their writes may land on one line of the shared stderr)
+        assert res.stderr.count(f"error: {message}") == 2, res.stderr[-3000:]
+        assert not (tmp_path / "p" / "checkpoints").exists()

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,13 @@ def save_checkpoint(
     scheduler: Any = None,
     state: dict[str, Any] | None = None,
     keep: int = 2,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; keep only the newest ``keep``."""
+    """Write checkpoint ``step`` under ``root`` atomically; keep only the newest ``keep``.
+
+    ``optimizer_state``: saved instead of ``optimizer.state_dict()`` (a sharded run's gathered
+    state, see :meth:`rlaif.distributed.Dist.optimizer_state`).
+    """
     import torch
 
     def build(tmp: Path) -> None:
@@ -97,7 +103,9 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         trainer_state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
-        if optimizer is not None:
+        if optimizer_state is not None:
+            trainer_state["optimizer"] = optimizer_state
+        elif optimizer is not None:
             trainer_state["optimizer"] = optimizer.state_dict()
         if scheduler is not None:
             trainer_state["scheduler"] = scheduler.state_dict()
@@ -111,14 +119,25 @@ def save_checkpoint(
 
 
 def load_trainer_state(
-    ckpt: Path, *, optimizer: Any = None, scheduler: Any = None
+    ckpt: Path,
+    *,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Restore optimizer/scheduler/RNG from ``ckpt``; return its state.json contents."""
+    """Restore optimizer/scheduler/RNG from ``ckpt``; return its state.json contents.
+
+    ``load_optimizer(state)``, when given, restores the optimizer state in place of
+    ``optimizer.load_state_dict`` (e.g. :meth:`rlaif.distributed.Dist.load_optimizer_state`).
+    """
     import torch
 
-    blob = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=True)
-    if optimizer is not None and "optimizer" in blob:
-        optimizer.load_state_dict(blob["optimizer"])
+    blob = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=True, mmap=True)
+    if "optimizer" in blob:
+        if load_optimizer is not None:
+            load_optimizer(blob["optimizer"])
+        elif optimizer is not None:
+            optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and "scheduler" in blob:
         scheduler.load_state_dict(blob["scheduler"])
     if "torch_rng" in blob:

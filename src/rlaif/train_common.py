@@ -153,4 +153,6 @@ def grad_norm(model: Any, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     if not params:
         return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # FSDP: a DTensor over the shards (its local value is one shard's part)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

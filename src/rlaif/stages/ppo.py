@@ -228,10 +228,9 @@ def run(cfg: RunConfig) -> Path:
     inputs = hash_inputs(
         {"policy": policy_dir, "pm": pm_dir, "prompts": red, "helpful_prompts": helpful or "none"}
     )
-    dist, device = setup(cfg.backend.device)
+    dist, device = setup(cfg.backend.device, "ppo", fsdp_ok=False)
     config = {"ppo": asdict(pc), "seed": cfg.seed}
-    if dist.world > 1:  # the global batch (rollout_batch_size * processes) shapes the result
-        config["processes"] = dist.world
+    config |= dist.layout()  # processes (the global batch) and sharding shape the result
     fp = fingerprint(scrub(config), inputs)
     prev = read_manifest(manifest_path)
     if prev and prev.get("fingerprint") == fp and (out / "config.json").is_file():

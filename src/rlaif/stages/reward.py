@@ -169,7 +169,7 @@ def _phase(
     from rlaif.checkpoint import atomic_dir
     from rlaif.stages.reward_train import phase_fingerprint, train_pm
 
-    fp = phase_fingerprint(init, pairs, tcfg, loss_kind, dist.world)
+    fp = phase_fingerprint(init, pairs, tcfg, loss_kind, dist.layout())
     meta = _done_meta(out_dir)
     if meta.get("fingerprint") == fp:
         log.info("reward: %s is up to date", out_dir)
@@ -229,10 +229,9 @@ def run(cfg: RunConfig) -> Path:
     if not ft_train:
         raise UserError("reward.holdout: no fine-tuning pairs left for training")
     inputs = hash_inputs({**ft_files, **{f"pmp_dumps[{i}]": d for i, d in enumerate(rc.pmp_dumps)}})
-    dist, device = setup(cfg.backend.device)
+    dist, device = setup(cfg.backend.device, "reward")
     stage_cfg = scrub({"model": str(base), "seed": cfg.seed, **dataclasses.asdict(rc)})
-    if dist.world > 1:  # the global batch (batch_size * processes) shapes the result
-        stage_cfg["processes"] = dist.world
+    stage_cfg |= dist.layout()  # processes (the global batch) and sharding shape the result
     manifest_path = run_dir / "manifests" / "reward.json"
     from rlaif.manifest import read_manifest
 

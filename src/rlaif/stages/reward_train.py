@@ -34,16 +34,20 @@ log = logging.getLogger(__name__)
 
 
 def phase_fingerprint(
-    init: Path, pairs: list[dict[str, Any]], cfg: RewardConfig, loss: str, world: int = 1
+    init: Path,
+    pairs: list[dict[str, Any]],
+    cfg: RewardConfig,
+    loss: str,
+    layout: dict[str, Any] | None = None,
 ) -> str:
     """A short hash of what determines a phase's result: start model, pairs, settings, loss, and
-    the data-parallel process count (which sets the global batch) when it is more than one."""
+    the process layout (:meth:`rlaif.distributed.Dist.layout`: the global batch, sharding)."""
     h = hashlib.sha256()
     try:  # a PM directory as the start: its own fingerprint says which weights it holds
         start = json.loads((Path(init) / "pm.json").read_text()).get("fingerprint", "")
     except (OSError, ValueError, AttributeError):
         start = ""
-    settings = _train_settings(cfg) | ({"processes": world} if world > 1 else {})
+    settings = _train_settings(cfg) | (layout or {})
     h.update(json.dumps([str(init), start, loss, settings], sort_keys=True).encode())
     for p in pairs:
         row = [p["prompt"], p["chosen"], p["rejected"], p.get("p_chosen", 1.0)]
@@ -218,7 +222,7 @@ def train_pm(
     )
 
     dist = dist or Dist()
-    fp = phase_fingerprint(init, pairs, cfg, loss_kind, dist.world)
+    fp = phase_fingerprint(init, pairs, cfg, loss_kind, dist.layout())
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is not None and json.loads((ckpt / "state.json").read_text()).get("fingerprint") != fp:
         log.warning(
@@ -238,11 +242,12 @@ def train_pm(
             load_trainable(pm, ckpt / TRAINABLE_FILE)
     total = total_optimizer_steps(len(pairs), cfg, dist.world)
     opt, sched = build_optimizer(pm, cfg, total)
-    start = 0
-    if ckpt is not None:
-        start = int(load_trainer_state(ckpt, optimizer=opt, scheduler=sched)["step"])
-        log.info("reward %s: resuming from %s (step %d of %d)", phase, ckpt, start, total)
     forward, opt = dist.prepare(pm, opt)
+    start = 0
+    if ckpt is not None:  # after prepare: a sharded optimizer loads its own shard
+        load_opt = functools.partial(dist.load_optimizer_state, opt)
+        start = int(load_trainer_state(ckpt, scheduler=sched, load_optimizer=load_opt)["step"])
+        log.info("reward %s: resuming from %s (step %d of %d)", phase, ckpt, start, total)
     resume = step_offset + start if (ckpt is not None or step_offset) else None
     metrics = MetricsLog(metrics_path, resume_step=resume, active=dist.main)
     amp = autocast_dtype(cfg, device)
@@ -295,9 +300,11 @@ def train_pm(
             metrics.log(step_offset + step, phase=phase, **row)
         if step % cfg.save_every == 0 or step == total:
             last_good = dist.on_main(functools.partial(
-                save_checkpoint, ckpt_root, step, model=pm, optimizer=opt, scheduler=sched,
+                save_checkpoint, ckpt_root, step, model=dist.unsharded(pm), optimizer=opt,
+                optimizer_state=dist.optimizer_state(opt), scheduler=sched,
                 state={"fingerprint": fp, "phase": phase}, keep=cfg.keep_checkpoints,
             ))  # fmt: skip
+    pm = dist.unsharded(pm)  # under FSDP: the main process's full copy, to export
     dist.release()
     pm.eval()
     stats = {"steps": total, "fingerprint": fp, "pairs": len(pairs), "final": row}

@@ -163,11 +163,10 @@ def run(cfg: RunConfig) -> Path:
     manifest_path = run_dir / "manifests" / f"{STAGE}.json"
     rev, helpful = _paths(cfg)
     base = _base_model(cfg.model)
-    dist, device = setup(cfg.backend.device)
+    dist, device = setup(cfg.backend.device, "sft")
     inputs = hash_inputs({"revisions": rev, "helpful": helpful or "none", "model": base})
     config = {"sft": asdict(scfg), "model": cfg.model, "seed": cfg.seed}
-    if dist.world > 1:  # the global batch (batch_size * processes) shapes the result
-        config["processes"] = dist.world
+    config |= dist.layout()  # processes (the global batch) and sharding shape the result
     fp = fingerprint(scrub(config), inputs)
     prev = read_manifest(manifest_path)
     if prev and prev.get("fingerprint") == fp and (out / "config.json").is_file():
@@ -196,12 +195,13 @@ def run(cfg: RunConfig) -> Path:
     ]
     total = total_optimizer_steps(len(encoded), scfg, dist.world)
     opt, sched = build_optimizer(model, scfg, total)
+    forward, opt = dist.prepare(model, opt, response_logits)
     start = 0
-    if ckpt is not None:
-        state = load_trainer_state(ckpt, optimizer=opt, scheduler=sched)
+    if ckpt is not None:  # after prepare: a sharded optimizer loads its own shard
+        load_opt = functools.partial(dist.load_optimizer_state, opt)
+        state = load_trainer_state(ckpt, scheduler=sched, load_optimizer=load_opt)
         start = int(state["step"])
         log.info("sft: resuming from %s (step %d of %d)", ckpt, start, total)
-    forward, opt = dist.prepare(model, opt, response_logits)
     amp = autocast_dtype(scfg, device)
     log.info(
         "sft: %d examples (%s), %d steps, %s, autocast %s, device %s, %d process(es)",
@@ -269,7 +269,8 @@ def run(cfg: RunConfig) -> Path:
                 save_checkpoint,
                 ckpt_root,
                 step,
-                model=model,
+                model=dist.unsharded(model),  # collectives under FSDP: every rank gathers
+                optimizer_state=dist.optimizer_state(opt),
                 tokenizer=tok,
                 optimizer=opt,
                 scheduler=sched,
@@ -278,6 +279,7 @@ def run(cfg: RunConfig) -> Path:
             )
             last_good = dist.on_main(save)
     bar.close()
+    model = dist.unsharded(model)
     dist.release()
     if not dist.main:
         dist.wait()  # for the main process to write the model and the manifest
