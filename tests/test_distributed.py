@@ -37,7 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 CPU2 = ROOT / "configs" / "accelerate" / "cpu2.yaml"
 FSDP_CPU2 = ROOT / "configs" / "accelerate" / "fsdp-cpu2.yaml"
-LAYOUTS = pytest.mark.parametrize("layout", [CPU2, FSDP_CPU2], ids=["ddp", "fsdp"])
+ZERO2_CPU2 = ROOT / "configs" / "accelerate" / "zero2-cpu2.yaml"
+ZERO3_CPU2 = ROOT / "configs" / "accelerate" / "zero3-cpu2.yaml"
+SHARDING = {FSDP_CPU2: "fsdp2", ZERO2_CPU2: "zero2", ZERO3_CPU2: "zero3"}
+LAYOUTS = pytest.mark.parametrize(
+    "layout", [CPU2, *SHARDING], ids=["ddp", "fsdp", "zero2", "zero3"]
+)
 RTOL = 1e-4
 
 
@@ -187,8 +192,8 @@ def test_sft_two_processes_match_one(
     res = launch(
         ["sft", *train_args(two, tiny_model_dir, **{**extra, "sft.batch_size": 2})], layout
     )
-    if layout == FSDP_CPU2:  # really sharded: each process holds about half of the weights
-        held = re.findall(r"FSDP2: 2 LlamaDecoderLayer blocks sharded; .* \((\d+)%\)", res.stderr)
+    if layout in (FSDP_CPU2, ZERO3_CPU2):  # really sharded: each process holds half the weights
+        held = re.findall(r"(?:FSDP2|DeepSpeed): .* \((\d+)%\)", res.stderr)
         assert len(held) == 2 and all(45 <= int(h) <= 55 for h in held), res.stderr[-2000:]
 
     a = read_metrics(one / "metrics" / "sft.jsonl")
@@ -200,7 +205,7 @@ def test_sft_two_processes_match_one(
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     man = json.loads((two / "manifests" / "sft.json").read_text())
     assert man["config"]["processes"] == 2 and man["steps"] == 6
-    assert man["config"].get("sharding") == ("fsdp2" if layout == FSDP_CPU2 else None)
+    assert man["config"].get("sharding") == SHARDING.get(layout)
     assert not (two / "checkpoints" / "sft").exists()
     no_leftovers(two)
 
@@ -387,6 +392,8 @@ def kill_after_first_checkpoint(
     [
         pytest.param(CPU2, False, id="ddp", marks=pytest.mark.slow),
         pytest.param(FSDP_CPU2, True, id="fsdp-lora"),
+        pytest.param(ZERO2_CPU2, False, id="zero2"),
+        pytest.param(ZERO3_CPU2, True, id="zero3-lora"),
     ],
 )
 def test_killed_two_process_run_resumes(
@@ -443,8 +450,18 @@ def test_killed_two_process_ppo_resumes(tmp_path: Path, tiny_model_dir: Path) ->
     no_leftovers(two)
 
 
-@pytest.mark.slow
-def test_dpo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, fixtures: Path) -> None:
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(CPU2, id="ddp", marks=pytest.mark.slow),
+        pytest.param(ZERO2_CPU2, id="zero2", marks=pytest.mark.slow),
+        pytest.param(ZERO3_CPU2, id="zero3"),  # the gathered export too
+    ],
+)
+def test_dpo_two_processes_match_one(
+    tmp_path: Path, tiny_model_dir: Path, fixtures: Path, layout: Path
+) -> None:
+    """TRL's trainer under DDP and DeepSpeed (which it sets up itself) on 2 CPU processes."""
     from tests.test_dpo import dpo_args, write_preferences
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -452,11 +469,18 @@ def test_dpo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, fixtu
         write_preferences(d, fixtures)
     extra = {"dpo.max_steps": 4, "dpo.save_every": 2}
     assert main(["dpo", *dpo_args(one, tiny_model_dir, **extra)]) == 0
-    launch(["dpo", *dpo_args(two, tiny_model_dir, **{**extra, "dpo.batch_size": 2})])
+    res = launch(["dpo", *dpo_args(two, tiny_model_dir, **{**extra, "dpo.batch_size": 2})], layout)
     a = read_metrics(one / "metrics" / "dpo.jsonl")
     b = read_metrics(two / "metrics" / "dpo.jsonl")
     assert_same_curve(a, b, ["loss"])
-    assert json.loads((two / "manifests" / "dpo.json").read_text())["config"]["processes"] == 2
+    # the exported model (gathered from the shards under ZeRO-3) is the one-process model
+    wa, wb, w0 = state_dict(one / "dpo"), state_dict(two / "dpo"), state_dict(tiny_model_dir)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert max(float((wa[k] - w0[k]).abs().max()) for k in wa) > 1e-4  # and training moved it
+    config = json.loads((two / "manifests" / "dpo.json").read_text())["config"]
+    assert config["processes"] == 2 and config.get("sharding") == SHARDING.get(layout)
+    if layout in SHARDING:
+        assert res.stderr.count(f"dpo: trained by DeepSpeed {SHARDING[layout]}") == 2
     no_leftovers(two)
 
 

@@ -90,11 +90,13 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     keep: int = 2,
     optimizer_state: dict[str, Any] | None = None,
+    move_in: dict[str, Path] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep only the newest ``keep``.
 
-    ``optimizer_state``: saved instead of ``optimizer.state_dict()`` (a sharded run's gathered
-    state, see :meth:`rlaif.distributed.Dist.optimizer_state`).
+    ``optimizer_state``: saved instead of ``optimizer.state_dict()`` (FSDP's gathered state);
+    ``move_in``: directories already written (DeepSpeed's per-process optimizer shards) moved
+    into the checkpoint under the given names. See :meth:`rlaif.distributed.Dist.checkpoint_parts`.
     """
     import torch
 
@@ -110,6 +112,8 @@ def save_checkpoint(
         if scheduler is not None:
             trainer_state["scheduler"] = scheduler.state_dict()
         torch.save(trainer_state, tmp / "trainer_state.pt")
+        for name, src in (move_in or {}).items():
+            os.replace(src, tmp / name)
         (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
 
     path = atomic_dir(Path(root) / f"step-{step:06d}", build)
@@ -123,21 +127,21 @@ def load_trainer_state(
     *,
     optimizer: Any = None,
     scheduler: Any = None,
-    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
+    load_optimizer: Callable[[dict[str, Any] | None], None] | None = None,
 ) -> dict[str, Any]:
     """Restore optimizer/scheduler/RNG from ``ckpt``; return its state.json contents.
 
-    ``load_optimizer(state)``, when given, restores the optimizer state in place of
-    ``optimizer.load_state_dict`` (e.g. :meth:`rlaif.distributed.Dist.load_optimizer_state`).
+    ``load_optimizer(state)``, when given, restores the optimizer in place of
+    ``optimizer.load_state_dict`` from the saved state (None if the checkpoint holds none in
+    ``trainer_state.pt``), e.g. :meth:`rlaif.distributed.Dist.load_optimizer_state`.
     """
     import torch
 
     blob = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=True, mmap=True)
-    if "optimizer" in blob:
-        if load_optimizer is not None:
-            load_optimizer(blob["optimizer"])
-        elif optimizer is not None:
-            optimizer.load_state_dict(blob["optimizer"])
+    if load_optimizer is not None:
+        load_optimizer(blob.get("optimizer"))
+    elif optimizer is not None and "optimizer" in blob:
+        optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and "scheduler" in blob:
         scheduler.load_state_dict(blob["scheduler"])
     if "torch_rng" in blob:

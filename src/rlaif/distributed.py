@@ -15,13 +15,13 @@ environment), it creates an ``accelerate.Accelerator`` and the loops run as DDP:
 * Files (metrics, checkpoints, the model, manifests) are written by the main process only
   (:meth:`Dist.on_main`); the other ranks wait for it.
 
-Supported: DDP over GPUs or CPUs (gloo), one node or many, and FSDP version 2
-(``fully_shard``: weights, gradients and optimizer state split over the ranks). Under FSDP the
-main process keeps an unsharded CPU copy of the model (the *shadow*); :meth:`Dist.unsharded`
-gathers the full weights into it for checkpoints and the final export, and the optimizer state
-is saved and loaded by parameter name (:meth:`Dist.optimizer_state`,
-:meth:`Dist.load_optimizer_state`), so the files are those of a one-process run. DeepSpeed is
-refused with a clear message (see docs/cluster.md).
+Supported: DDP over GPUs or CPUs (gloo), one node or many; FSDP version 2 (``fully_shard``:
+weights, gradients and optimizer state split over the ranks) and DeepSpeed ZeRO-2/3, both through
+:mod:`rlaif.sharding`. Under FSDP and ZeRO-3 the main process keeps an unsharded CPU copy of the
+model (the *shadow*); :meth:`Dist.unsharded` gathers the full weights into it for checkpoints and
+the final export. FSDP's optimizer state is saved and loaded by parameter name, DeepSpeed's as
+one shard per process beside the checkpoint's files (:meth:`Dist.checkpoint_parts`,
+:meth:`Dist.load_optimizer_state`). ``ppo`` refuses sharding (see docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from rlaif import sharding
 from rlaif.errors import UserError
 
 if TYPE_CHECKING:
@@ -80,19 +82,29 @@ class Dist:
         self.world: int = state.num_processes if state is not None else 1
         self._wrapped: Any = None
         self.fsdp: Any = None
-        """accelerate's ``FullyShardedDataParallelPlugin`` (FSDP version 2) when sharded."""
+        """accelerate's ``FullyShardedDataParallelPlugin`` (FSDP version 2) when sharded so."""
+        self.deepspeed: Any = None
+        """accelerate's ``DeepSpeedPlugin`` (ZeRO 2 or 3) when sharded so."""
         self._shadow: Any = None
+        self.deepspeed_asked = False
+        """The accelerate config asks for DeepSpeed (for a trainer that sets it up itself)."""
 
     @property
     def sharded(self) -> bool:
-        """FSDP: parameters are DTensor shards; see :meth:`unsharded`."""
-        return self.fsdp is not None
+        """FSDP or DeepSpeed: weights or optimizer state are split over the processes."""
+        return self.fsdp is not None or self.deepspeed is not None
 
     def layout(self) -> dict[str, Any]:
         """What of the process layout shapes a run's result and checkpoints, for fingerprints:
-        the process count (the global batch) when more than one, and FSDP sharding."""
+        the process count (the global batch) when more than one, and the sharding engine."""
         out: dict[str, Any] = {"processes": self.world} if self.world > 1 else {}
-        return out | ({"sharding": "fsdp2"} if self.sharded else {})
+        if self.fsdp is not None:
+            out["sharding"] = "fsdp2"
+        elif self.deepspeed is not None:
+            out["sharding"] = f"zero{sharding.deepspeed_stage(self.deepspeed)}"
+        elif self.deepspeed_asked:  # a trainer's own DeepSpeed setup, from accelerate's config
+            out["sharding"] = f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '')}"
+        return out
 
     @property
     def main(self) -> bool:
@@ -102,78 +114,40 @@ class Dist:
     # ------------------------------------------------------------------ model
 
     def prepare(
-        self, model: Any, optimizer: Any, forward: Callable[..., Any] | None = None
+        self,
+        model: Any,
+        optimizer: Any,
+        forward: Callable[..., Any] | None = None,
+        *,
+        max_grad_norm: float = 1.0,
     ) -> tuple[Callable[..., Any], Any]:
         """``(call, optimizer)``: ``call(*args)`` runs ``forward(model, *args)`` (default
-        ``model(*args)``), through DDP when launched so that gradients are synchronised.
+        ``model(*args)``), through DDP, FSDP or DeepSpeed when launched so.
 
-        ``model`` itself stays the live, unwrapped module: save and inspect it as before.
-        The scheduler is not prepared: accelerate's wrapper would step it once per process.
+        ``model`` itself stays the live module (sharded in place under FSDP): inspect it, and
+        save what :meth:`unsharded` returns. The scheduler is not prepared (accelerate's wrapper
+        would step it once per process). ``max_grad_norm``: DeepSpeed clips inside its step.
         """
         fn = forward if forward is not None else _call
         if self.state is None:
             return (lambda *args: fn(model, *args)), optimizer
         assert self.accelerator is not None, "Dist.prepare needs setup(), not process_info()"
         module = _forward_class()(model, fn)
+        zero3 = self.deepspeed is not None and sharding.deepspeed_stage(self.deepspeed) == 3
+        if self.main and (self.fsdp is not None or zero3):
+            import copy  # the unsharded copy that checkpoints are written from
+
+            self._shadow = copy.deepcopy(model).to("cpu")
         if self.fsdp is not None:
-            if self.main:  # the unsharded copy that checkpoints are written from
-                import copy
-
-                self._shadow = copy.deepcopy(model).to("cpu")
-            self._wrapped = _shard(module, optimizer, self.fsdp)
+            self._wrapped = sharding.fsdp_shard(module, optimizer, self.fsdp)
             return self._wrapped, optimizer
+        if self.deepspeed is not None:
+            sharding.deepspeed_config(self.deepspeed, self.world, max_grad_norm)
         self._wrapped, optimizer = self.accelerator.prepare(module, optimizer)
+        if self.deepspeed is not None:
+            what = f"ZeRO-{sharding.deepspeed_stage(self.deepspeed)}"
+            sharding.log_share("DeepSpeed", what, model.parameters())
         return self._wrapped, optimizer
-
-    def unsharded(self, model: Any) -> Any:
-        """The model to save or export: ``model`` itself unless sharded. Under FSDP a collective
-        (every rank calls it): the full weights are gathered into the main process's shadow,
-        which is returned there; the other ranks get ``model`` back and must not save it."""
-        if not self.sharded:
-            return model
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        full = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        if not self.main:
-            return model
-        self._shadow.load_state_dict(full)
-        return self._shadow
-
-    def optimizer_state(self, optimizer: Any) -> dict[str, Any] | None:
-        """Under FSDP (a collective) the full optimizer state keyed by parameter name, on the
-        main process; ``None`` when not sharded (save ``optimizer.state_dict()`` as usual)."""
-        if not self.sharded:
-            return None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(self._wrapped, _inner_optimizer(optimizer), options=options)  # type: ignore[return-value]
-
-    def load_optimizer_state(self, optimizer: Any, state: dict[str, Any]) -> None:
-        """Restore what :meth:`optimizer_state` (sharded) or ``state_dict()`` saved; under FSDP
-        after :meth:`prepare`, on every rank, each keeping its own shard."""
-        if not self.sharded:
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        set_optimizer_state_dict(
-            self._wrapped,
-            _inner_optimizer(optimizer),
-            state,
-            options=StateDictOptions(full_state_dict=True),
-        )
 
     def syncing(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         """Context for one forward + backward: gradients are all-reduced only when ``sync``.
@@ -181,10 +155,101 @@ class Dist:
         Every rank must run exactly one ``sync=True`` pass per optimizer step (the last).
         """
         if self._wrapped is None or sync or self.sharded:
-            # FSDP reduce-scatters every micro-batch's gradients into the shards: correct for
-            # accumulation, and no unsharded gradient is ever held
+            # FSDP and ZeRO reduce every micro-batch's gradients into the shards: correct for
+            # accumulation, and no unsharded gradient is held
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self._wrapped)  # type: ignore[no-any-return]
+
+    def backward(self, loss: Any) -> None:
+        """``loss.backward()``, through the DeepSpeed engine when there is one (it reduces the
+        gradients into the shards; the loss is already scaled by the loop)."""
+        if self.deepspeed is not None and self._wrapped is not None:
+            self._wrapped.backward(loss, scale_wrt_gas=False)
+        else:
+            loss.backward()
+
+    def clip_and_step(
+        self, model: Any, optimizer: Any, max_norm: float, check: Callable[..., None]
+    ) -> float:
+        """Clip the gradients to ``max_norm``, ``check(grad_norm=norm)`` (it raises to stop the
+        run), then update; return the norm before clipping.
+
+        DeepSpeed computes the norm inside its step, so there ``check`` runs after the update:
+        the run still stops before a checkpoint of it is written.
+        """
+        from rlaif.train_common import grad_norm
+
+        if self.deepspeed is not None and self._wrapped is not None:
+            self._wrapped.step()
+            norm = float(self._wrapped.get_global_grad_norm() or 0.0)
+            check(grad_norm=norm)
+            return norm
+        norm = grad_norm(model, max_norm)
+        check(grad_norm=norm)
+        optimizer.step()
+        return norm
+
+    def unsharded(self, model: Any) -> Any:
+        """The model to save or export: ``model`` itself unless its weights are sharded (FSDP,
+        ZeRO-3). Then a collective (every rank calls it): the full weights are gathered into
+        the main process's shadow copy, which is returned there; the other ranks get ``model``
+        back and must not save it."""
+        if not self._sharded_weights():
+            return model
+        if self.fsdp is not None:
+            full = sharding.fsdp_full_weights(model)
+        else:
+            full = sharding.deepspeed_full_weights(self._wrapped, model, self.main)
+        if not self.main:
+            return model
+        self._shadow.load_state_dict(full)
+        return self._shadow
+
+    def _sharded_weights(self) -> bool:
+        zero3 = self.deepspeed is not None and sharding.deepspeed_stage(self.deepspeed) == 3
+        return self._wrapped is not None and (self.fsdp is not None or zero3)
+
+    def checkpoint_parts(self, model: Any, optimizer: Any, root: Path, step: int) -> dict[str, Any]:
+        """Keyword arguments for :func:`rlaif.checkpoint.save_checkpoint` (``model``,
+        ``optimizer``, ``optimizer_state``, ``move_in``): a collective under FSDP and DeepSpeed,
+        every rank calls it, then the main process saves.
+
+        FSDP: the full weights and the optimizer state by parameter name, gathered. DeepSpeed:
+        the full weights, and every process writes its own optimizer shard to a hidden
+        directory that the main process moves into the checkpoint.
+        """
+        parts: dict[str, Any] = {"model": self.unsharded(model), "optimizer": optimizer}
+        if self.fsdp is not None:
+            parts["optimizer_state"] = sharding.fsdp_optimizer_state(self._wrapped, optimizer)
+        elif self.deepspeed is not None:
+            import shutil
+
+            tmp = Path(root) / f".deepspeed-{step:06d}"
+            if self.main:  # what a killed run left
+                for old in Path(root).glob(".deepspeed-*"):
+                    shutil.rmtree(old, ignore_errors=True)
+            self.wait()
+            self._wrapped.save_checkpoint(str(tmp), tag=sharding.DS_TAG, save_latest=False)
+            self.wait()
+            parts |= {"optimizer": None, "move_in": {"deepspeed": tmp}}
+        return parts
+
+    def load_optimizer_state(
+        self, optimizer: Any, ckpt: Path, state: dict[str, Any] | None
+    ) -> None:
+        """Restore the optimizer state saved in checkpoint ``ckpt`` (``state``: what its
+        ``trainer_state.pt`` holds); after :meth:`prepare`, on every rank."""
+        if self.fsdp is not None and state is not None:
+            sharding.fsdp_load_optimizer_state(self._wrapped, optimizer, state)
+        elif self.deepspeed is not None:
+            self._wrapped.load_checkpoint(
+                str(Path(ckpt) / "deepspeed"),
+                tag=sharding.DS_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        elif state is not None:
+            optimizer.load_state_dict(state)
 
     def release(self) -> None:
         """Drop accelerate's references to the prepared model and optimizer (end of a phase)."""
@@ -280,48 +345,6 @@ def _call(model: Any, *args: Any) -> Any:
     return model(*args)
 
 
-def _shard(module: Any, optimizer: Any, plugin: Any) -> Any:
-    """Apply FSDP2's ``fully_shard`` to each transformer block of ``module``, then to
-    ``module`` itself (embeddings, final norm and head: one group, so tied weights stay one
-    parameter), as the plugin's settings say; point ``optimizer`` at the sharded parameters.
-
-    Done here rather than by ``accelerator.prepare``, which shards on GPUs only (on CPUs it
-    silently falls back to DDP): one code path on every device, the one the CPU tests run.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    names = set(plugin.transformer_cls_names_to_wrap or module._no_split_modules or [])
-    blocks = [m for m in module.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise UserError(
-            f"FSDP: no transformer block of the classes {sorted(names) or '(none known)'} in the "
-            "model; set fsdp_transformer_layer_cls_to_wrap in the accelerate config"
-        )
-    before = {id(p): name for name, p in module.named_parameters()}
-    kind = type(blocks[0]).__name__
-    kwargs = {"offload_policy": plugin.cpu_offload}
-    for block in blocks:
-        fully_shard(block, reshard_after_forward=plugin.reshard_after_forward, **kwargs)
-    fully_shard(module, **kwargs)
-    after = dict(module.named_parameters())
-    for group in _inner_optimizer(optimizer).param_groups:
-        group["params"] = [after[before[id(p)]] for p in group["params"]]
-    local = sum(
-        p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in after.values()
-    )
-    whole = sum(p.numel() for p in after.values())
-    log.info(
-        "FSDP2: %d %s blocks sharded; this process holds %d of %d parameter values (%.0f%%)",
-        len(blocks), kind, local, whole, 100 * local / max(whole, 1),
-    )  # fmt: skip
-    return module
-
-
-def _inner_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 @functools.cache
 def _forward_class() -> type:
     import torch
@@ -350,14 +373,13 @@ def _forward_class() -> type:
     return Forward
 
 
-def setup(device: str, stage: str = "train", *, fsdp_ok: bool = True) -> tuple[Dist, str]:
+def setup(device: str, stage: str = "train", *, sharding_ok: bool = True) -> tuple[Dist, str]:
     """``(dist, device)`` for a training stage; ``device`` is the ``backend.device`` setting.
 
-    ``fsdp_ok``: whether the stage's loop can run sharded (FSDP version 2); ``stage`` names it
-    in the messages.
-
     Not launched: a one-process :class:`Dist` and the device resolved as before. Launched: an
-    ``Accelerator`` (on CPU with gloo when ``device`` resolves to 'cpu', else this rank's GPU).
+    ``Accelerator`` (on CPU with gloo when ``device`` resolves to 'cpu', else this rank's GPU),
+    with FSDP 2 or DeepSpeed when the accelerate config asks and ``sharding_ok`` (the stage's
+    loop runs them); ``stage`` names the stage in the messages.
     """
     from rlaif.backends.dtype import resolve_device
 
@@ -367,59 +389,45 @@ def setup(device: str, stage: str = "train", *, fsdp_ok: bool = True) -> tuple[D
     from accelerate import Accelerator
     from accelerate.utils import (
         DistributedDataParallelKwargs,
-        DistributedType,
         FullyShardedDataParallelPlugin,
         InitProcessGroupKwargs,
         parse_flag_from_env,
     )
 
+    # accelerate's flags say what the config asked for: on CPUs accelerate itself would run DDP
+    # for FSDP, and leave DeepSpeed without a process-group backend.
+    want_ds = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    want_fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
+    if want_ds:
+        sharding.check_deepspeed(stage, sharding_ok)
     # No buffer broadcast in forward: the models' buffers (rotary tables) never change, and the
     # broadcast would make every forward a collective that ranks must call equally often.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
     # The other ranks wait while the main process exports a model or runs a held-out evaluation.
-    group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=WAIT_S))
-    acc = Accelerator(cpu=resolved == "cpu", kwargs_handlers=[ddp, group])
-    # On CPUs accelerate runs DDP whatever the config asks; its flags still say what was asked.
-    if acc.distributed_type == DistributedType.DEEPSPEED or parse_flag_from_env(
-        "ACCELERATE_USE_DEEPSPEED"
-    ):
-        raise UserError(
-            f"accelerate DeepSpeed: `rlaif {stage}` trains with its own loop, which runs DDP or "
-            "FSDP version 2 (configs/accelerate/ddp.yaml, fsdp.yaml); DeepSpeed is for `rlaif dpo`"
-        )
-    plugin = None
-    if acc.distributed_type == DistributedType.FSDP or parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        plugin = getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
-        _check_fsdp(plugin, stage, fsdp_ok)
+    gloo = {"backend": "gloo"} if want_ds and resolved == "cpu" else {}
+    group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=WAIT_S), **gloo)
+    # DeepSpeed runs on CPUs only through accelerate's GPU path (cpu=False) with gloo set above.
+    acc = Accelerator(cpu=resolved == "cpu" and not want_ds, kwargs_handlers=[ddp, group])
     if acc.mixed_precision != "no":
         raise UserError(
             f"accelerate mixed_precision={acc.mixed_precision}: set it to 'no' in the accelerate "
             "config; the stage's own dtype setting turns on bf16 autocast"
         )
     dist = Dist(acc.state, acc)
-    dist.fsdp = plugin
+    if want_ds:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # Models load whole on every process and ZeRO-3 partitions them at prepare; left set,
+        # transformers would load under zero.Init, which the main process's own loads (held-out
+        # evaluation, export) would then wait on forever.
+        unset_hf_deepspeed_config()
+        dist.deepspeed = acc.state.deepspeed_plugin
+    elif want_fsdp:
+        plugin = getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+        sharding.check_fsdp(plugin, stage, sharding_ok)
+        dist.fsdp = plugin
     return dist, "cpu" if acc.device.type == "cpu" else str(acc.device)
-
-
-def _check_fsdp(plugin: Any, stage: str, fsdp_ok: bool) -> None:
-    """Refuse, with one line, the FSDP settings the stage's loop does not run."""
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
-    problem = (
-        "the stage runs DDP only (configs/accelerate/ddp.yaml); use LoRA if memory is short"
-        if not fsdp_ok
-        else f"fsdp_version {plugin.fsdp_version}: only 2 (fully_shard) is supported"
-        if plugin.fsdp_version != 2
-        else "fsdp_activation_checkpointing: set the stage's gradient_checkpointing instead"
-        if plugin.activation_checkpointing
-        else "fsdp_auto_wrap_policy: only TRANSFORMER_BASED_WRAP is supported"
-        if policy is not transformer_auto_wrap_policy
-        else None
-    )
-    if problem:
-        raise UserError(f"accelerate FSDP, `rlaif {stage}`: {problem}")
 
 
 def process_info(device: str) -> tuple[Dist, str]:
@@ -433,11 +441,21 @@ def process_info(device: str) -> tuple[Dist, str]:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    state = PartialState(cpu=resolved == "cpu")
-    asked = [n for n in ("FSDP", "DeepSpeed") if parse_flag_from_env(f"ACCELERATE_USE_{n.upper()}")]
-    if asked and state.device.type == "cpu":  # accelerate would quietly run DDP instead
+    want_ds = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    if want_ds:
+        sharding.check_deepspeed("dpo", True)
+    # DeepSpeed on CPUs: accelerate's GPU path with gloo, as in setup (the trainer's own
+    # Accelerator shares this state)
+    cpu_ds = want_ds and resolved == "cpu"
+    state = PartialState(
+        cpu=resolved == "cpu" and not want_ds, **({"backend": "gloo"} if cpu_ds else {})
+    )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and state.device.type == "cpu":
+        # the trainer's accelerate would quietly run DDP instead
         raise UserError(
-            f"accelerate {asked[0]} on CPUs: the trainer runs it on GPUs only; use "
-            "configs/accelerate/cpu2.yaml (DDP) here"
+            "accelerate FSDP on CPUs: the trainer runs it on GPUs only; use "
+            "configs/accelerate/cpu2.yaml (DDP) or zero2-cpu2.yaml (DeepSpeed) here"
         )
-    return Dist(state), "cpu" if state.device.type == "cpu" else str(state.device)
+    dist = Dist(state)
+    dist.deepspeed_asked = want_ds
+    return dist, "cpu" if state.device.type == "cpu" else str(state.device)

@@ -165,6 +165,12 @@ def _gathered_policy(trainer: Any, cfg: RunConfig, init: Path) -> Any:
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.accelerator.is_main_process:
         return None
+    if trainer.is_deepspeed_enabled:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # Training is over: without this, from_pretrained below would partition the rebuilt
+        # model with zero.Init (zero3_init_flag), a collective the other processes never join.
+        unset_hf_deepspeed_config()
     trust, pickle = cfg.backend.trust_remote_code, cfg.backend.allow_pickle
     model, _ = load_causal_lm(init, device="cpu", trust_remote_code=trust, allow_pickle=pickle)
     model = apply_lora(model, cfg.dpo)
@@ -198,8 +204,7 @@ def run(cfg: RunConfig) -> Path:
     dist, device = process_info(cfg.backend.device)
     inputs = hash_inputs({"preferences": prefs_path, "init": init})
     config = {"dpo": asdict(dcfg), "seed": cfg.seed}
-    if dist.world > 1:  # the global batch (batch_size * processes) shapes the result
-        config["processes"] = dist.world
+    config |= dist.layout()  # processes (the global batch) and sharding shape the result
     fp = fingerprint(scrub(config), inputs)
     prev = read_manifest(manifest_path)
     if prev and prev.get("fingerprint") == fp and (out / "config.json").is_file():
@@ -258,7 +263,9 @@ def run(cfg: RunConfig) -> Path:
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16,
-        use_cpu=device == "cpu",
+        # DeepSpeed runs on CPUs only through accelerate's GPU path, with gloo (see distributed)
+        use_cpu=device == "cpu" and not dist.deepspeed_asked,
+        ddp_backend="gloo" if device == "cpu" and dist.deepspeed_asked else None,
         dataloader_num_workers=0,
         gradient_checkpointing=dcfg.gradient_checkpointing,
         trust_remote_code=cfg.backend.trust_remote_code,
@@ -274,6 +281,8 @@ def run(cfg: RunConfig) -> Path:
         processing_class=tok,
         callbacks=[_callback(metrics, ckpt_root)],
     )
+    if trainer.is_deepspeed_enabled:  # on CPUs too (see process_info), never quietly DDP
+        log.info("dpo: trained by DeepSpeed %s", dist.layout().get("sharding"))
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     gathered = _gathered_policy(trainer, cfg, init) if _sharded(trainer) else None
     if not dist.main:

@@ -171,7 +171,8 @@ def _batch_backward(
                     rewards = call(*pm.collate(chosen + rejected))
                     rc, rr = rewards[: len(sub)], rewards[len(sub) :]
             loss = _loss(loss_kind, rc, rr, p[k : k + per_pass].to(rc.device))
-            (loss * (len(sub) / n) * weight / cfg.grad_accum).backward()
+            scaled = loss * (len(sub) / n) * weight / cfg.grad_accum
+            dist.backward(scaled) if dist is not None else scaled.backward()
         out_c.append(rc.detach().cpu())
         out_r.append(rr.detach().cpu())
     return torch.cat(out_c), torch.cat(out_r)
@@ -216,7 +217,6 @@ def train_pm(
         autocast_dtype,
         build_optimizer,
         epoch_batches,
-        grad_norm,
         set_seed,
         total_optimizer_steps,
     )
@@ -242,10 +242,10 @@ def train_pm(
             load_trainable(pm, ckpt / TRAINABLE_FILE)
     total = total_optimizer_steps(len(pairs), cfg, dist.world)
     opt, sched = build_optimizer(pm, cfg, total)
-    forward, opt = dist.prepare(pm, opt)
+    forward, opt = dist.prepare(pm, opt, max_grad_norm=cfg.max_grad_norm)
     start = 0
     if ckpt is not None:  # after prepare: a sharded optimizer loads its own shard
-        load_opt = functools.partial(dist.load_optimizer_state, opt)
+        load_opt = functools.partial(dist.load_optimizer_state, opt, ckpt)
         start = int(load_trainer_state(ckpt, scheduler=sched, load_optimizer=load_opt)["step"])
         log.info("reward %s: resuming from %s (step %d of %d)", phase, ckpt, start, total)
     resume = step_offset + start if (ckpt is not None or step_offset) else None
@@ -288,9 +288,10 @@ def train_pm(
             sums["margin"] += mean_margin(rc, rr) / cfg.grad_accum
             n_pairs += len(batch)
             n_tokens += sum(len(chosen_ids[i]) + len(rejected_ids[i]) for i in batch)
-        gnorm = grad_norm(pm, cfg.max_grad_norm)
-        check_finite(step, f"reward {phase}", last_good, loss=sums["loss"], grad_norm=gnorm)
-        opt.step()
+        check = functools.partial(
+            check_finite, step, f"reward {phase}", last_good, loss=sums["loss"]
+        )
+        gnorm = dist.clip_and_step(pm, opt, cfg.max_grad_norm, check)
         sched.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t_start
@@ -300,8 +301,8 @@ def train_pm(
             metrics.log(step_offset + step, phase=phase, **row)
         if step % cfg.save_every == 0 or step == total:
             last_good = dist.on_main(functools.partial(
-                save_checkpoint, ckpt_root, step, model=dist.unsharded(pm), optimizer=opt,
-                optimizer_state=dist.optimizer_state(opt), scheduler=sched,
+                save_checkpoint, ckpt_root, step, **dist.checkpoint_parts(pm, opt, ckpt_root, step),
+                scheduler=sched,
                 state={"fingerprint": fp, "phase": phase}, keep=cfg.keep_checkpoints,
             ))  # fmt: skip
     pm = dist.unsharded(pm)  # under FSDP: the main process's full copy, to export

@@ -150,7 +150,6 @@ def run(cfg: RunConfig) -> Path:
         autocast_dtype,
         build_optimizer,
         epoch_batches,
-        grad_norm,
         merged_for_saving,
         set_seed,
         total_optimizer_steps,
@@ -195,10 +194,10 @@ def run(cfg: RunConfig) -> Path:
     ]
     total = total_optimizer_steps(len(encoded), scfg, dist.world)
     opt, sched = build_optimizer(model, scfg, total)
-    forward, opt = dist.prepare(model, opt, response_logits)
+    forward, opt = dist.prepare(model, opt, response_logits, max_grad_norm=scfg.max_grad_norm)
     start = 0
     if ckpt is not None:  # after prepare: a sharded optimizer loads its own shard
-        load_opt = functools.partial(dist.load_optimizer_state, opt)
+        load_opt = functools.partial(dist.load_optimizer_state, opt, ckpt)
         state = load_trainer_state(ckpt, scheduler=sched, load_optimizer=load_opt)
         start = int(state["step"])
         log.info("sft: resuming from %s (step %d of %d)", ckpt, start, total)
@@ -243,12 +242,11 @@ def run(cfg: RunConfig) -> Path:
                     logits, targets = forward(b)
                 loss = response_loss(logits, targets, n_tok)
                 # DDP averages over processes; the sum over processes is the global batch's loss
-                (loss * (dist.world if real else 0.0)).backward()
+                dist.backward(loss * (dist.world if real else 0.0))
             loss_sum += float(loss.detach()) if real else 0.0
         loss_sum = dist.sum(loss_sum)
-        gnorm = grad_norm(model, scfg.max_grad_norm)
-        check_finite(step, STAGE, last_good, loss=loss_sum, grad_norm=gnorm)
-        opt.step()
+        check = functools.partial(check_finite, step, STAGE, last_good, loss=loss_sum)
+        gnorm = dist.clip_and_step(model, opt, scfg.max_grad_norm, check)
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss_val = loss_sum
@@ -269,10 +267,8 @@ def run(cfg: RunConfig) -> Path:
                 save_checkpoint,
                 ckpt_root,
                 step,
-                model=dist.unsharded(model),  # collectives under FSDP: every rank gathers
-                optimizer_state=dist.optimizer_state(opt),
+                **dist.checkpoint_parts(model, opt, ckpt_root, step),  # every rank takes part
                 tokenizer=tok,
-                optimizer=opt,
                 scheduler=sched,
                 state={"fingerprint": fp, "loss": loss_val, "total": total},
                 keep=scfg.keep_checkpoints,
