@@ -85,6 +85,10 @@ def test_cli_on_tiny_model(
     assert "acc_dual=" in last and "acc_cot=" in last and "acc_pointwise" not in last
     data = json.loads(out.read_text())
     assert data["n"] == 4 and 0.0 <= data["acc_cot"] <= 1.0
+    # the judgements were kept: one record per pair for multiple choice and for CoT
+    from rlaif.store import JsonlStore
+
+    assert len(JsonlStore(Path(data["records"]))) == 4 * 2
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
@@ -95,3 +99,64 @@ def test_bad_arguments(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "p_chosen": 1.5}\n')
     assert main(["eval-labeler", str(bad), "limit=2"]) == 2
+
+
+def test_killed_run_resumes_from_its_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that dies mid-way keeps what it judged; the rerun asks only the missing questions
+    and gives the figures of an uninterrupted run."""
+    from rlaif.store import JsonlStore
+    from tests.fake_lm import options_of
+
+    def prefers_short(prompt: str, choices: object) -> list[float]:
+        """Judgements that differ from pair to pair: the shorter answer wins, by its share."""
+        if list(choices) == [" Yes", " No"]:  # type: ignore[call-overload]
+            return [0.3, 0.7] if len(prompt) % 3 else [0.6, 0.4]
+        a, b = (len(t) for t in options_of(prompt))
+        return [b / (a + b), a / (a + b)]
+
+    monkeypatch.setattr(ev, "CHUNK", 8)
+    prefs = load_preferences(HH, limit=24)
+    cfg = load_config(None, ["constitution=paper", "label.principles=2", "seed=3"])
+    methods = ("single", "dual", "ensemble", "pointwise")
+    whole_lm = FakeLM(prefers_short)
+    whole = ev.evaluate(whole_lm, cfg, prefs, methods, injection=False)
+
+    class Dies(FakeLM):
+        def choice_logprobs(self, prompts, choices):  # type: ignore[no-untyped-def]
+            if self.questions >= 60:  # in the second chunk (48 questions a chunk)
+                raise KeyboardInterrupt
+            return super().choice_logprobs(prompts, choices)
+
+    records = tmp_path / "records.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(Dies(prefers_short), cfg, prefs, methods, False, JsonlStore(records))
+    kept = len(JsonlStore(records))
+    assert 0 < kept < 2 * 24  # some, not all, of the 24 x 2 kinds of judgement
+
+    again_lm = FakeLM(prefers_short)
+    again = ev.evaluate(again_lm, cfg, prefs, methods, False, JsonlStore(records))
+    assert again == whole and 0.0 < whole["acc_dual"] < 1.0 and whole["order_flip"] < 1.0
+    assert 0 < again_lm.questions < whole_lm.questions  # only what was missing
+    assert len(JsonlStore(records)) == 2 * 24
+
+    # Everything judged: a third run asks nothing; a larger limit asks only for the new pairs.
+    idle = FakeLM(prefers_short)
+    assert ev.evaluate(idle, cfg, prefs, methods, False, JsonlStore(records)) == whole
+    assert idle.questions == 0
+    more = FakeLM(prefers_short)
+    ev.evaluate(more, cfg, load_preferences(HH, limit=30), methods, False, JsonlStore(records))
+    assert more.questions == whole_lm.questions // 24 * 6
+
+
+def test_records_file_follows_the_settings(tmp_path: Path, tiny_model_dir: Path) -> None:
+    lm = FakeLM(always_a(0.5))
+    base = load_config(None, ["constitution=paper", f"feedback_model={tiny_model_dir}"])
+    path = ev.default_records(base, lm)
+    assert path == ev.default_records(base, lm) and path.suffix == ".jsonl"
+    for change in ("label.principles=3", "seed=1", "label.delimit=false", "constitution=default"):
+        other = load_config(
+            None, ["constitution=paper", f"feedback_model={tiny_model_dir}", change]
+        )
+        assert ev.default_records(other, lm) != path, change

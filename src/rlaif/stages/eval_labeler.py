@@ -10,13 +10,20 @@ rejected; a label is P(human-chosen answer better), so accuracy is the share abo
 Also: calibration (ECE), position bias (mean P(A), share of pairs whose verdict flips with the
 order) and, with ``injection=true``, the prompt-injection flip rate without and with ``delimit``.
 Options: ``model``, ``limit``, ``seed``, ``methods=single,dual,ensemble,pointwise[,cot]``,
-``injection=true``, ``config=RUN.yaml``, ``out=FILE.json``; any other ``key.sub=value`` is a run
-config override (e.g. ``label.principles=4``, ``label.few_shot=2``, ``backend.dtype=float32``).
+``injection=true``, ``config=RUN.yaml``, ``out=FILE.json``, ``records=FILE.jsonl``; any other
+``key.sub=value`` is a run config override (e.g. ``label.principles=4``, ``label.few_shot=2``,
+``backend.dtype=float32``).
+
+Every judgement is appended to a records file as it is made (default:
+``$RLAIF_HOME/eval-labeler/<settings hash>.jsonl``, one file per feedback model and label
+settings), so a killed run, rerun with the same arguments, judges only what is missing; a larger
+``limit`` reuses the pairs already judged. The injection measurement is not kept: it reruns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +34,9 @@ from rlaif.config import RunConfig, load_config
 from rlaif.data.preferences import Preference, load_preferences
 from rlaif.errors import UserError
 from rlaif.labeler import Comparison, Labeler, draw_principles, seeded_order
-from rlaif.store import atomic_write_json
+from rlaif.store import JsonlStore, atomic_write_json, record_id
+
+log = logging.getLogger(__name__)
 
 METHODS = ("single", "dual", "ensemble", "cot", "pointwise")
 DEFAULT_METHODS = ("single", "dual", "ensemble", "pointwise")
@@ -49,7 +58,7 @@ def inject_options(answer: str, label: str, other: str) -> str:
 
 def parse_args(argv: Sequence[str]) -> tuple[Path, dict[str, str], list[str]]:
     """FILE, this command's own options, and run-config overrides."""
-    own_keys = {"model", "limit", "seed", "methods", "injection", "config", "out"}
+    own_keys = {"model", "limit", "seed", "methods", "injection", "config", "out", "records"}
     path: Path | None = None
     own: dict[str, str] = {}
     overrides: list[str] = []
@@ -97,9 +106,19 @@ def _rate(xs: Sequence[float]) -> float:
 
 
 def evaluate(
-    lm: Any, cfg: RunConfig, prefs: list[Preference], methods: Sequence[str], injection: bool
+    lm: Any,
+    cfg: RunConfig,
+    prefs: list[Preference],
+    methods: Sequence[str],
+    injection: bool,
+    store: JsonlStore | None = None,
 ) -> dict[str, Any]:
-    """All figures for ``prefs``; keys absent for methods not run."""
+    """All figures for ``prefs``; keys absent for methods not run.
+
+    With ``store``, each pair's judgements are appended to it as they are made (one record per
+    pair and question kind) and judgements already there are reused, so a killed run resumes
+    where it stopped and gives the figures of an uninterrupted one.
+    """
     from tqdm import tqdm
 
     from rlaif.constitution import load_constitution
@@ -113,37 +132,62 @@ def evaluate(
     ]
     per_pair = cfg.backend.kind == "hf"
     labeler = Labeler.from_config(lm, lab, cfg.seed, per_pair)
+    cot_lab = dataclasses.replace(lab, cot=True)
+    cot = Labeler.from_config(lm, cot_lab, cfg.seed, per_pair) if "cot" in methods else labeler
+    mc = [m for m in methods if m in ("single", "dual", "ensemble")]
+    kinds = ([f"mc{k}"] if mc else []) + [m for m in ("cot", "pointwise") if m in methods]
+    done: dict[str, dict[str, Any]] = {r["id"]: r for r in store.records()} if store else {}
+
+    def judge(kind: str, part: list[Comparison]) -> list[dict[str, Any]]:
+        if kind == "cot":
+            one = [dataclasses.replace(c, principles=c.principles[:1]) for c in part]
+            return [{"p": o["p"]} for o in cot.compare(one, [(0, 1)] * len(one), cot=True)]
+        if kind == "pointwise":
+            return [{"p": o["p"]} for o in labeler.pointwise(part)]
+        outs = labeler.compare(part, [(0, 1)] * len(part))
+        first = [o["principles"][0]["p_a"] for o in outs]  # P(A) in each order, 1st principle
+        return [{"p0": f["0"], "p1": f["1"], "p": o["p"]} for f, o in zip(first, outs, strict=True)]
+
+    keys = [{kind: record_id(kind, p.id) for kind in kinds} for p in prefs]
+    ready = sum(all(key in done for key in row.values()) for row in keys)
+    bar = tqdm(total=len(comps), initial=ready, desc="eval-labeler", unit="pair", disable=None)
+    for start in range(0, len(comps), CHUNK):
+        span = range(start, min(start + CHUNK, len(comps)))
+        todo_pairs = [i for i in span if any(key not in done for key in keys[i].values())]
+        for kind in kinds:
+            todo = [i for i in todo_pairs if keys[i][kind] not in done]
+            if not todo:
+                continue
+            fresh = [
+                {"id": keys[i][kind], "kind": kind, "pair": prefs[i].id, **rec}
+                for i, rec in zip(todo, judge(kind, [comps[i] for i in todo]), strict=True)
+            ]
+            if store is not None:
+                store.append(fresh)  # written and fsynced before the next kind starts
+            done.update((r["id"], r) for r in fresh)
+        bar.update(len(todo_pairs))
+    bar.close()
+
     res: dict[str, Any] = {"n": len(prefs), "model": getattr(lm, "name", "?")}
     labels: dict[str, list[float]] = {m: [] for m in methods}
     pa: list[float] = []
     flips: list[float] = []
-    mc = [m for m in methods if m in ("single", "dual", "ensemble")]
-    bar = tqdm(total=len(comps), desc="eval-labeler", unit="pair", disable=None)
-    for start in range(0, len(comps), CHUNK):
-        part = comps[start : start + CHUNK]
-        ids = [p.id for p in prefs[start : start + CHUNK]]
+    for p, row in zip(prefs, keys, strict=True):
         if mc:
-            outs = labeler.compare(part, [(0, 1)] * len(part))
-            for pid, out in zip(ids, outs, strict=True):
-                first = out["principles"][0]["p_a"]
-                p0, p1 = first["0"], first["1"]
-                pa += [p0, p1]
-                flips.append(float(fb.order_flip(p0, p1)))
-                order = seeded_order(cfg.seed, pid)
-                if "single" in labels:
-                    labels["single"].append(fb.first_better(first[str(order)], order))
-                if "dual" in labels:
-                    labels["dual"].append(fb.dual_order(p0, p1))
-                if "ensemble" in labels:
-                    labels["ensemble"].append(out["p"])
-        if "cot" in labels:
-            one = [dataclasses.replace(c, principles=c.principles[:1]) for c in part]
-            cot = Labeler.from_config(lm, dataclasses.replace(lab, cot=True), cfg.seed, per_pair)
-            labels["cot"] += [o["p"] for o in cot.compare(one, [(0, 1)] * len(one), cot=True)]
-        if "pointwise" in labels:
-            labels["pointwise"] += [o["p"] for o in labeler.pointwise(part)]
-        bar.update(len(part))
-    bar.close()
+            rec = done[row[f"mc{k}"]]
+            p0, p1 = rec["p0"], rec["p1"]
+            pa += [p0, p1]
+            flips.append(float(fb.order_flip(p0, p1)))
+            order = seeded_order(cfg.seed, p.id)
+            if "single" in labels:
+                labels["single"].append(fb.first_better(p1 if order else p0, order))
+            if "dual" in labels:
+                labels["dual"].append(fb.dual_order(p0, p1))
+            if "ensemble" in labels:
+                labels["ensemble"].append(rec["p"])
+        for kind in ("cot", "pointwise"):
+            if kind in labels:
+                labels[kind].append(done[row[kind]]["p"])
     for m, ps in labels.items():
         res[f"acc_{m}"] = fb.accuracy(ps)
         res[f"ece_{m}"] = fb.expected_calibration_error(ps)
@@ -199,6 +243,24 @@ def injection_flips(lm: Any, cfg: RunConfig, comps: list[Comparison]) -> dict[st
     return out
 
 
+def default_records(cfg: RunConfig, lm: Any) -> Path:
+    """The records file for these judging settings, under the model cache's root."""
+    from rlaif.constitution import load_constitution
+    from rlaif.manifest import fingerprint, hash_inputs
+    from rlaif.models import model_home
+
+    principles = [(p.id, p.feedback) for p in load_constitution(cfg.constitution).principles]
+    settings = {
+        "label": dataclasses.asdict(cfg.label),
+        "seed": cfg.seed,
+        "principles": principles,
+        "backend": cfg.backend.kind,
+        "dtype": str(getattr(lm, "dtype", cfg.backend.dtype)),  # "auto" as resolved here
+    }
+    model = hash_inputs({"model": cfg.feedback_model_ref})  # a directory: its files and sizes
+    return model_home() / "eval-labeler" / f"{fingerprint(settings, model)}.jsonl"
+
+
 def result_line(res: dict[str, Any]) -> str:
     keys = ["n", *(f"acc_{m}" for m in METHODS), "ece", "order_flip", "mean_pa"]
     keys += ["inj_flip_before", "inj_flip_after"]
@@ -226,8 +288,15 @@ def main(argv: Sequence[str]) -> int:
     from rlaif.backends import make_lm
 
     lm = make_lm(cfg.feedback_model_ref, cfg.backend)
-    res = evaluate(lm, cfg, prefs, methods, injection)
+    records = Path(own["records"]) if own.get("records") else default_records(cfg, lm)
+    store = JsonlStore(records)
+    if len(store):
+        log.info("eval-labeler: reusing %d judgements from %s", len(store), records)
+    else:
+        log.info("eval-labeler: judgements are kept in %s (a rerun resumes)", records)
+    res = evaluate(lm, cfg, prefs, methods, injection, store)
     res.update(
+        records=str(records),
         file=str(path),
         feedback_model=cfg.feedback_model_ref,
         seed=cfg.seed,
