@@ -306,8 +306,10 @@ def early_stopping_policy(tiny_model_dir: Path, out: Path) -> Path:
     return save_model_dir(out, model, tok)
 
 
-def test_ppo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """Rollouts are sampled (temperature 1) with per-row seeds that follow the global row, so both
+@pytest.mark.parametrize("layout", [CPU2, FSDP_CPU2], ids=["ddp", "fsdp"])
+def test_ppo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, layout: Path) -> None:
+    """DDP, and FSDP (policy and value sharded; the rollouts gather them, the value head is
+    calibrated in its shards). Rollouts are sampled (temperature 1) with per-row seeds that follow the global row, so both
     layouts sample the same episodes (answers of different lengths: the rewards agree to 1e-6);
     every statistic is over the global batch and the update sees the same global mini-batches,
     so the curves match up to float rounding (see RTOL). Quantities that are differences of
@@ -320,7 +322,11 @@ def test_ppo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path) -> No
     new_pm(tiny_model_dir).save_pretrained(pm_dir)
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(ppo_args(one, policy, pm_dir)) == 0
-    launch(ppo_args(two, policy, pm_dir, **{"ppo.rollout_batch_size": 3, "ppo.batch_size": 1}))
+    per_process = {"ppo.rollout_batch_size": 3, "ppo.batch_size": 1}
+    res = launch(ppo_args(two, policy, pm_dir, **per_process), layout)
+    if layout == FSDP_CPU2:  # really sharded: each process holds half the weights
+        held = re.findall(r"FSDP2: .* \((\d+)%\)", res.stderr)
+        assert len(held) == 2 and all(45 <= int(h) <= 55 for h in held), res.stderr[-2000:]
 
     a = read_metrics(one / "metrics" / "ppo.jsonl")
     b = read_metrics(two / "metrics" / "ppo.jsonl")
@@ -334,6 +340,7 @@ def test_ppo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path) -> No
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     man = json.loads((two / "manifests" / "ppo.json").read_text())
     assert man["config"]["processes"] == 2 and man["steps"] == 3
+    assert man["config"].get("sharding") == SHARDING.get(layout)
     assert sorted(p.name for p in (two / "checkpoints" / "ppo").iterdir()) == [
         "step-000002",
         "step-000003",
@@ -423,11 +430,18 @@ def test_killed_two_process_run_resumes(
     no_leftovers(two)
 
 
-@pytest.mark.slow
-def test_killed_two_process_ppo_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(CPU2, id="ddp", marks=pytest.mark.slow),
+        pytest.param(FSDP_CPU2, id="fsdp"),  # shards gathered into checkpoints and reloaded
+    ],
+)
+def test_killed_two_process_ppo_resumes(tmp_path: Path, tiny_model_dir: Path, layout: Path) -> None:
     """PPO with LoRA on 2 processes, SIGKILLed after its first checkpoint, resumes on 2 from the
     step it saved (adapters, value, optimizer, beta, reward moments) and ends on the curve of an
-    uninterrupted one-process run."""
+    uninterrupted one-process run. Under FSDP the checkpoint holds the gathered weights and the
+    optimizer state by parameter name, and each process reloads its shard of both."""
     from rlaif.pm import new_pm
 
     policy = early_stopping_policy(tiny_model_dir, tmp_path / "policy")
@@ -438,9 +452,9 @@ def test_killed_two_process_ppo_resumes(tmp_path: Path, tiny_model_dir: Path) ->
     assert main(ppo_args(one, policy, pm_dir, **extra)) == 0
     per_process = {"ppo.rollout_batch_size": 3, "ppo.batch_size": 1}
     args = ppo_args(two, policy, pm_dir, **extra, **per_process)
-    killed_at = kill_after_first_checkpoint(args, two, "ppo")
+    killed_at = kill_after_first_checkpoint(args, two, "ppo", layout)
     assert 0 < killed_at < 10
-    res = launch(args)
+    res = launch(args, layout)
     assert f"resuming from {two / 'checkpoints' / 'ppo'}" in res.stderr
     a = read_metrics(one / "metrics" / "ppo.jsonl")
     b = read_metrics(two / "metrics" / "ppo.jsonl")
@@ -487,8 +501,9 @@ def test_dpo_two_processes_match_one(
 def test_unsupported_sharding_is_refused_in_one_line(
     tmp_path: Path, tiny_model_dir: Path, fixtures: Path
 ) -> None:
-    """`ppo` runs DDP only; `dpo`'s trainer shards on GPUs only (accelerate would quietly fall
-    back to DDP on CPUs): both stop at the start with one line saying so, on every process."""
+    """`ppo` does not run under DeepSpeed; `dpo`'s trainer shards with FSDP on GPUs only
+    (accelerate would quietly fall back to DDP on CPUs): both stop at the start with one line
+    saying so, on every process."""
     from rlaif.pm import new_pm
     from tests.test_dpo import dpo_args, write_preferences
 
@@ -496,17 +511,18 @@ def test_unsupported_sharding_is_refused_in_one_line(
     new_pm(tiny_model_dir).save_pretrained(pm_dir)
     write_preferences(tmp_path / "d", fixtures)
     cases = {
-        "accelerate FSDP, `rlaif ppo`: the stage runs DDP only": ppo_args(
-            tmp_path / "p", tiny_model_dir, pm_dir
+        "accelerate DeepSpeed, `rlaif ppo`: the stage runs DDP or FSDP 2": (
+            ppo_args(tmp_path / "p", tiny_model_dir, pm_dir),
+            ZERO2_CPU2,
         ),
-        "accelerate FSDP on CPUs: the trainer runs it on GPUs only": [
-            "dpo",
-            *dpo_args(tmp_path / "d", tiny_model_dir),
-        ],
+        "accelerate FSDP on CPUs: the trainer runs it on GPUs only": (
+            ["dpo", *dpo_args(tmp_path / "d", tiny_model_dir)],
+            FSDP_CPU2,
+        ),
     }
-    for message, args in cases.items():
+    for message, (args, layout) in cases.items():
         res = subprocess.run(
-            launch_cmd(args, layout=FSDP_CPU2), env=env(), capture_output=True, text=True,
+            launch_cmd(args, layout=layout), env=env(), capture_output=True, text=True,
             timeout=600, cwd=ROOT,
         )  # fmt: skip
         assert res.returncode != 0

@@ -21,7 +21,8 @@ weights, gradients and optimizer state split over the ranks) and DeepSpeed ZeRO-
 model (the *shadow*); :meth:`Dist.unsharded` gathers the full weights into it for checkpoints and
 the final export. FSDP's optimizer state is saved and loaded by parameter name, DeepSpeed's as
 one shard per process beside the checkpoint's files (:meth:`Dist.checkpoint_parts`,
-:meth:`Dist.load_optimizer_state`). ``ppo`` refuses sharding (see docs/cluster.md).
+:meth:`Dist.load_optimizer_state`). ``ppo`` runs DDP and FSDP 2 and refuses DeepSpeed; its
+rollouts gather the full weights for a while (:meth:`Dist.full_weights`); see docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -205,6 +206,18 @@ class Dist:
         self._shadow.load_state_dict(full)
         return self._shadow
 
+    def full_weights(self) -> contextlib.AbstractContextManager[Any]:
+        """Context in which the prepared model's own modules can be called directly (generation,
+        no-grad forwards outside the wrapped forward): under FSDP every rank gathers the full
+        weights on entry, keeps them over all the forwards inside, and frees them on exit (a
+        collective: every rank enters). Elsewhere a no-op.
+
+        Writes to the weights inside are lost on exit; change sharded weights outside it.
+        """
+        if self.fsdp is None or self._wrapped is None:
+            return contextlib.nullcontext()
+        return sharding.fsdp_gathered(self._wrapped, self.fsdp)
+
     def _sharded_weights(self) -> bool:
         zero3 = self.deepspeed is not None and sharding.deepspeed_stage(self.deepspeed) == 3
         return self._wrapped is not None and (self.fsdp is not None or zero3)
@@ -373,14 +386,18 @@ def _forward_class() -> type:
     return Forward
 
 
-def setup(device: str, stage: str = "train", *, sharding_ok: bool = True) -> tuple[Dist, str]:
+def setup(
+    device: str, stage: str = "train", *, refuse: dict[str, str] | None = None
+) -> tuple[Dist, str]:
     """``(dist, device)`` for a training stage; ``device`` is the ``backend.device`` setting.
 
     Not launched: a one-process :class:`Dist` and the device resolved as before. Launched: an
     ``Accelerator`` (on CPU with gloo when ``device`` resolves to 'cpu', else this rank's GPU),
-    with FSDP 2 or DeepSpeed when the accelerate config asks and ``sharding_ok`` (the stage's
-    loop runs them); ``stage`` names the stage in the messages.
+    with FSDP 2 or DeepSpeed when the accelerate config asks. ``refuse`` maps an engine the
+    stage's loop does not run (``'fsdp'``, ``'deepspeed'``) to the reason, which the one-line
+    error gives; ``stage`` names the stage in the messages.
     """
+    refuse = refuse or {}
     from rlaif.backends.dtype import resolve_device
 
     resolved = resolve_device(device)
@@ -399,7 +416,7 @@ def setup(device: str, stage: str = "train", *, sharding_ok: bool = True) -> tup
     want_ds = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     want_fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
     if want_ds:
-        sharding.check_deepspeed(stage, sharding_ok)
+        sharding.check_deepspeed(stage, refuse.get("deepspeed"))
     # No buffer broadcast in forward: the models' buffers (rotary tables) never change, and the
     # broadcast would make every forward a collective that ranks must call equally often.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
@@ -425,7 +442,7 @@ def setup(device: str, stage: str = "train", *, sharding_ok: bool = True) -> tup
         dist.deepspeed = acc.state.deepspeed_plugin
     elif want_fsdp:
         plugin = getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
-        sharding.check_fsdp(plugin, stage, sharding_ok)
+        sharding.check_fsdp(plugin, stage, refuse.get("fsdp"))
         dist.fsdp = plugin
     return dist, "cpu" if acc.device.type == "cpu" else str(acc.device)
 
@@ -443,7 +460,7 @@ def process_info(device: str) -> tuple[Dist, str]:
 
     want_ds = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     if want_ds:
-        sharding.check_deepspeed("dpo", True)
+        sharding.check_deepspeed("dpo", None)
     # DeepSpeed on CPUs: accelerate's GPU path with gloo, as in setup (the trainer's own
     # Accelerator shares this state)
     cpu_ds = want_ds and resolved == "cpu"

@@ -1,4 +1,4 @@
-"""Sharded training for the stages' own loops (`sft`, `reward`): FSDP 2 and DeepSpeed ZeRO.
+"""Sharded training for the stages' own loops (`sft`, `reward`, `ppo`): FSDP 2 and DeepSpeed ZeRO.
 
 :class:`rlaif.distributed.Dist` calls these; the loops see one API whatever the engine.
 
@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from rlaif.errors import UserError
@@ -34,14 +36,15 @@ def inner_optimizer(optimizer: Any) -> Any:
 # ---------------------------------------------------------------------------------- FSDP 2
 
 
-def check_fsdp(plugin: Any, stage: str, ok: bool) -> None:
-    """Refuse, with one line, the FSDP settings the stage's loop does not run."""
+def check_fsdp(plugin: Any, stage: str, refused: str | None) -> None:
+    """Refuse, with one line, FSDP where the stage's loop does not run it (``refused``: why),
+    and the FSDP settings it does not run."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
     problem = (
-        "the stage runs DDP only (configs/accelerate/ddp.yaml); use LoRA if memory is short"
-        if not ok
+        refused
+        if refused
         else f"fsdp_version {plugin.fsdp_version}: only 2 (fully_shard) is supported"
         if plugin.fsdp_version != 2
         else "fsdp_activation_checkpointing: set the stage's gradient_checkpointing instead"
@@ -72,11 +75,37 @@ def fsdp_shard(module: Any, optimizer: Any, plugin: Any) -> Any:
     for block in blocks:
         fully_shard(block, reshard_after_forward=plugin.reshard_after_forward, **kwargs)
     fully_shard(module, **kwargs)
+    # FSDP takes the first group to run a forward for the root: make it the root now, so that
+    # calling a block directly (generation in ppo's rollouts) cannot claim it first.
+    module._get_fsdp_state()._lazy_init()
     after = dict(module.named_parameters())
     for group in inner_optimizer(optimizer).param_groups:
         group["params"] = [after[before[id(p)]] for p in group["params"]]
     log_share("FSDP2", f"{len(blocks)} {kind} blocks sharded", after.values())
     return module
+
+
+@contextlib.contextmanager
+def fsdp_gathered(root: Any, plugin: Any) -> Iterator[None]:
+    """Every FSDP group under ``root`` (sharded by :func:`fsdp_shard` with ``plugin``) holds its
+    full weights inside (gathered on entry, freed on exit), so that its submodules can be called
+    in any order, e.g. by ``generate``; a collective. Otherwise each block's forward hook would
+    free its weights after every forward, and the root group's weights (embeddings, final norm,
+    heads) are gathered only by the root's own forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+            # as fully_shard left them: the blocks as configured, the root kept after forward
+            again = m is not root and bool(plugin.reshard_after_forward)
+            m.set_reshard_after_forward(again, recurse=False)
 
 
 def fsdp_full_weights(model: Any) -> dict[str, Any]:
@@ -112,13 +141,11 @@ def fsdp_load_optimizer_state(wrapped: Any, optimizer: Any, state: dict[str, Any
 # ---------------------------------------------------------------------------------- DeepSpeed
 
 
-def check_deepspeed(stage: str, ok: bool) -> None:
-    """Refuse DeepSpeed where the stage's loop does not run it, or where it is not installed."""
-    if not ok:
-        raise UserError(
-            f"accelerate DeepSpeed, `rlaif {stage}`: the stage runs DDP only "
-            "(configs/accelerate/ddp.yaml); use LoRA if memory is short"
-        )
+def check_deepspeed(stage: str, refused: str | None) -> None:
+    """Refuse DeepSpeed where the stage's loop does not run it (``refused``: why), or where it
+    is not installed."""
+    if refused:
+        raise UserError(f"accelerate DeepSpeed, `rlaif {stage}`: {refused}")
     try:
         import deepspeed  # noqa: F401
     except ImportError:

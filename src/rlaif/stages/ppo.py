@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "ppo"
+DEEPSPEED_REFUSED = (
+    "the stage runs DDP or FSDP 2 (configs/accelerate/ddp.yaml, fsdp.yaml): DeepSpeed's engine "
+    "clips one norm over policy and value together, where ppo clips each on its own"
+)
 
 
 def check_config(pc: PPOConfig) -> None:
@@ -180,22 +184,27 @@ def load_trainable(module: Any, path: Path) -> None:
 def save_ppo_checkpoint(
     root: Path,
     step: int,
-    models: PPOModels,
+    both: Any,
+    optimizer_state: dict[str, Any] | None,
     optimizer: Any,
     scheduler: Any,
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write ``root/step-N`` atomically (policy + value trainables, optimizer, state.json)."""
+    """Write ``root/step-N`` atomically: the trainable weights of ``both['policy']`` and
+    ``both['value']``, the optimizer (``optimizer_state`` when given, FSDP's gathered state by
+    parameter name, else ``optimizer.state_dict()``), the scheduler and ``state.json``."""
     import torch
     from safetensors.torch import save_file
 
     def build(tmp: Path) -> None:
-        save_file(trainable_state(models.policy), str(tmp / "policy.safetensors"))
-        save_file(trainable_state(models.value), str(tmp / "value.safetensors"))
+        save_file(trainable_state(both["policy"]), str(tmp / "policy.safetensors"))
+        save_file(trainable_state(both["value"]), str(tmp / "value.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state
+                if optimizer_state is not None
+                else optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
             },
@@ -228,7 +237,7 @@ def run(cfg: RunConfig) -> Path:
     inputs = hash_inputs(
         {"policy": policy_dir, "pm": pm_dir, "prompts": red, "helpful_prompts": helpful or "none"}
     )
-    dist, device = setup(cfg.backend.device, "ppo", sharding_ok=False)
+    dist, device = setup(cfg.backend.device, "ppo", refuse={"deepspeed": DEEPSPEED_REFUSED})
     config = {"ppo": asdict(pc), "seed": cfg.seed}
     config |= dist.layout()  # processes (the global batch) and sharding shape the result
     fp = fingerprint(scrub(config), inputs)

@@ -19,6 +19,12 @@ into global mini-batches (``batch_size * grad_accum * N``) and micro-batches (``
 each rank training on its slice of every micro-batch through DDP (policy and value in one wrapped
 module); losses are divided by the global micro-batch's token count, so the averaged gradient is
 the one-process gradient of the same global batch.
+
+Under FSDP 2 the same module is sharded instead (each rank holds a slice of the policy's and the
+value model's weights, gradients and Adam state); the rollouts run inside
+:meth:`~rlaif.distributed.Dist.full_weights`, which gathers the full weights for the generation
+and the no-grad forwards and frees them before the update. The frozen reference (full
+fine-tuning) and the PM are not trained and stay whole on every rank.
 """
 
 from __future__ import annotations
@@ -417,16 +423,18 @@ def train(
     if last is not None:
         load_trainable(models.policy, last / "policy.safetensors")
         load_trainable(models.value, last / "value.safetensors")
-        state = _load_trainer_state(last, optimizer=optimizer, scheduler=scheduler)
+    ent_mode = "grad" if pc.entropy_coef else True
+    forward, optimizer = dist.prepare(
+        both, optimizer, lambda m, s: policy_and_value(m, s, pc.temperature, ent_mode)
+    )
+    if last is not None:  # after prepare: under FSDP each process loads its optimizer shard
+        load_opt = functools.partial(dist.load_optimizer_state, optimizer, last)
+        state = _load_trainer_state(last, scheduler=scheduler, load_optimizer=load_opt)
         start = int(state["step"])
         kl_ctl.value = float(state["beta"])
         moments = RunningMoments.from_state(state["moments"])
         calibrated = bool(state.get("value_calibrated", False))
         log.info("ppo: resuming from %s (step %d of %d)", last, start, steps)
-    ent_mode = "grad" if pc.entropy_coef else True
-    forward, optimizer = dist.prepare(
-        both, optimizer, lambda m, s: policy_and_value(m, s, pc.temperature, ent_mode)
-    )
     metrics = MetricsLog(
         metrics_path, resume_step=start if last is not None else None, active=dist.main
     )
@@ -442,7 +450,8 @@ def train(
         # a row's seed follows its place in the global batch, not the process it lands on
         seeds = [(seed * 1_000_003 + step) * 4099 + k for k in range(len(idx))]
         mine = idx[lo:hi]
-        samples, texts = sample(lm, [encoded[i] for i in mine], pc, seeds[lo:hi])
+        with dist.full_weights():  # FSDP: every rank gathers the weights for its rollouts
+            samples, texts = sample(lm, [encoded[i] for i in mine], pc, seeds[lo:hi])
         t_gen = time.perf_counter() - t0
         convs = [
             [*prompts[i], {"role": "assistant", "content": t}]
@@ -459,7 +468,8 @@ def train(
             if pc.value_from_pm and not calibrated:
                 calibrate_value_head(models.value.head, moments.mean, moments.std)
             calibrated = True
-        per_token = rollout_forwards(models, samples, pc, amp)
+        with dist.full_weights():  # after the calibration, which changes sharded weights
+            per_token = rollout_forwards(models, samples, pc, amp)
         samples, per_token = gather_episodes(dist, samples, per_token, lm.pad_id, n_global)
         trunc = samples.truncated.tolist()
         scores = [s - pc.truncation_penalty * float(t) for s, t in zip(scores, trunc, strict=True)]
@@ -499,12 +509,15 @@ def train(
                 "moments": moments.state(),
                 "value_calibrated": calibrated,
             }
+            parts = dist.checkpoint_parts(both, optimizer, ckpt_root, step)  # every rank
             last = dist.on_main(
                 functools.partial(
                     save_ppo_checkpoint,
-                    ckpt_root, step, models, optimizer, scheduler, state, pc.keep_checkpoints,
+                    ckpt_root, step, parts["model"], parts.get("optimizer_state"), optimizer,
+                    scheduler, state, pc.keep_checkpoints,
                 )
             )  # fmt: skip
     bar.close()
+    models.policy = dist.unsharded(both)["policy"]  # FSDP: the main process's full copy
     dist.release()
     return result
