@@ -10,7 +10,8 @@ variant runs in its own process (own peak RSS):
 - ``naive``: one comparison, one order at a time, a fresh full forward per option (fp32);
   each variant first runs one short untimed warm-up forward;
 - ``ours``: :class:`rlaif.labeler.Labeler` on the ``hf`` backend as the stage runs it (one backend
-  call per pair: its orders and principles share the conversation's KV prefix), ``dtype=auto``;
+  call per pair: its orders and principles share the conversation's KV prefix), ``dtype=auto``
+  (``--ours-dtype float32`` to compare at the naive loop's dtype);
 - ``ours_flat``: the same, but all pairs in one backend call (length-sorted batches).
 
 ``--few-shot N`` puts the paper's first N solved comparisons (RLMadisonFewShotPrompts, written
@@ -100,13 +101,13 @@ def _naive(model_dir: str, n: int, k: int, shots: int) -> dict[str, Any]:
     return {"seconds": secs, "comparisons_s": n * k / secs, "labels": labels}
 
 
-def _ours(model_dir: str, n: int, k: int, shots: int, per_pair: bool) -> dict[str, Any]:
+def _ours(model_dir: str, n: int, k: int, shots: int, per_pair: bool, dtype: str) -> dict[str, Any]:
     from rlaif.backends.hf import HFLM
     from rlaif.config import BackendConfig
     from rlaif.labeler import Labeler
 
     comps = comparisons(n, k)
-    lm = HFLM(model_dir, BackendConfig(dtype="auto"))
+    lm = HFLM(model_dir, BackendConfig(dtype=dtype))
     labeler = Labeler.from_config(lm, _label_config(shots), seed=0, per_pair_calls=per_pair)
     lm.choice_logprobs(["Hello there"], [[" (A)", " (B)"]])  # warm-up, not timed
     t0 = time.perf_counter()
@@ -131,6 +132,11 @@ def main() -> int:
         "--few-shot", type=int, default=0, help="the paper's solved comparisons put in front"
     )
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument(
+        "--ours-dtype",
+        default="auto",
+        help="backend.dtype of ours (auto: the start-up probe's pick, as the stage runs it)",
+    )
     args = ap.parse_args()
     from rlaif.models import resolve_model
 
@@ -142,8 +148,9 @@ def main() -> int:
             res[v] = in_child(_naive, model_dir, args.pairs, args.principles, args.few_shot)
         elif v in ("ours", "ours_flat"):
             res[v] = in_child(
-                _ours, model_dir, args.pairs, args.principles, args.few_shot, v == "ours"
-            )
+                _ours,
+                model_dir, args.pairs, args.principles, args.few_shot, v == "ours", args.ours_dtype,
+            )  # fmt: skip
         else:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
         print(
