@@ -84,6 +84,12 @@ def no_leftovers(run_dir: Path) -> None:
     assert not stray, stray
 
 
+def assert_half_held(stderr: str) -> None:
+    """Really sharded: each of the 2 processes logged that it holds about half the weights."""
+    held = re.findall(r"(?:FSDP2|DeepSpeed): .* \((\d+)%\)", stderr)
+    assert len(held) == 2 and all(45 <= int(h) <= 55 for h in held), stderr[-2000:]
+
+
 def assert_same_curve(
     one: list[dict[str, Any]], two: list[dict[str, Any]], keys: list[str]
 ) -> None:
@@ -192,9 +198,8 @@ def test_sft_two_processes_match_one(
     res = launch(
         ["sft", *train_args(two, tiny_model_dir, **{**extra, "sft.batch_size": 2})], layout
     )
-    if layout in (FSDP_CPU2, ZERO3_CPU2):  # really sharded: each process holds half the weights
-        held = re.findall(r"(?:FSDP2|DeepSpeed): .* \((\d+)%\)", res.stderr)
-        assert len(held) == 2 and all(45 <= int(h) <= 55 for h in held), res.stderr[-2000:]
+    if layout in (FSDP_CPU2, ZERO3_CPU2):
+        assert_half_held(res.stderr)
 
     a = read_metrics(one / "metrics" / "sft.jsonl")
     b = read_metrics(two / "metrics" / "sft.jsonl")
@@ -309,8 +314,8 @@ def early_stopping_policy(tiny_model_dir: Path, out: Path) -> Path:
 @pytest.mark.parametrize("layout", [CPU2, FSDP_CPU2], ids=["ddp", "fsdp"])
 def test_ppo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, layout: Path) -> None:
     """DDP, and FSDP (policy and value sharded; the rollouts gather them, the value head is
-    calibrated in its shards). Rollouts are sampled (temperature 1) with per-row seeds that follow the global row, so both
-    layouts sample the same episodes (answers of different lengths: the rewards agree to 1e-6);
+    calibrated in its shards). Rollouts are sampled (temperature 1) with per-row seeds that
+    follow the global row, so both layouts sample the same episodes (answers of different lengths: the rewards agree to 1e-6);
     every statistic is over the global batch and the update sees the same global mini-batches,
     so the curves match up to float rounding (see RTOL). Quantities that are differences of
     nearly equal numbers (``kl``, ``approx_kl``, ``policy_loss`` near 0) fall back on the 1e-6
@@ -324,9 +329,8 @@ def test_ppo_two_processes_match_one(tmp_path: Path, tiny_model_dir: Path, layou
     assert main(ppo_args(one, policy, pm_dir)) == 0
     per_process = {"ppo.rollout_batch_size": 3, "ppo.batch_size": 1}
     res = launch(ppo_args(two, policy, pm_dir, **per_process), layout)
-    if layout == FSDP_CPU2:  # really sharded: each process holds half the weights
-        held = re.findall(r"FSDP2: .* \((\d+)%\)", res.stderr)
-        assert len(held) == 2 and all(45 <= int(h) <= 55 for h in held), res.stderr[-2000:]
+    if layout == FSDP_CPU2:
+        assert_half_held(res.stderr)
 
     a = read_metrics(one / "metrics" / "ppo.jsonl")
     b = read_metrics(two / "metrics" / "ppo.jsonl")

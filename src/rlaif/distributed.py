@@ -387,17 +387,16 @@ def _forward_class() -> type:
 
 
 def setup(
-    device: str, stage: str = "train", *, refuse: dict[str, str] | None = None
+    device: str, stage: str = "train", *, no_deepspeed: str | None = None
 ) -> tuple[Dist, str]:
     """``(dist, device)`` for a training stage; ``device`` is the ``backend.device`` setting.
 
     Not launched: a one-process :class:`Dist` and the device resolved as before. Launched: an
     ``Accelerator`` (on CPU with gloo when ``device`` resolves to 'cpu', else this rank's GPU),
-    with FSDP 2 or DeepSpeed when the accelerate config asks. ``refuse`` maps an engine the
-    stage's loop does not run (``'fsdp'``, ``'deepspeed'``) to the reason, which the one-line
-    error gives; ``stage`` names the stage in the messages.
+    with FSDP 2 or DeepSpeed when the accelerate config asks. ``no_deepspeed``: why the stage's
+    loop does not run DeepSpeed, for the one-line error when asked for it; ``stage`` names the
+    stage in the messages.
     """
-    refuse = refuse or {}
     from rlaif.backends.dtype import resolve_device
 
     resolved = resolve_device(device)
@@ -416,7 +415,7 @@ def setup(
     want_ds = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     want_fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
     if want_ds:
-        sharding.check_deepspeed(stage, refuse.get("deepspeed"))
+        sharding.check_deepspeed(stage, no_deepspeed)
     # No buffer broadcast in forward: the models' buffers (rotary tables) never change, and the
     # broadcast would make every forward a collective that ranks must call equally often.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
@@ -442,7 +441,7 @@ def setup(
         dist.deepspeed = acc.state.deepspeed_plugin
     elif want_fsdp:
         plugin = getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
-        sharding.check_fsdp(plugin, stage, refuse.get("fsdp"))
+        sharding.check_fsdp(plugin, stage)
         dist.fsdp = plugin
     return dist, "cpu" if acc.device.type == "cpu" else str(acc.device)
 

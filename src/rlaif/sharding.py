@@ -36,16 +36,13 @@ def inner_optimizer(optimizer: Any) -> Any:
 # ---------------------------------------------------------------------------------- FSDP 2
 
 
-def check_fsdp(plugin: Any, stage: str, refused: str | None) -> None:
-    """Refuse, with one line, FSDP where the stage's loop does not run it (``refused``: why),
-    and the FSDP settings it does not run."""
+def check_fsdp(plugin: Any, stage: str) -> None:
+    """Refuse, with one line, the FSDP settings the stage's loop does not run."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
     problem = (
-        refused
-        if refused
-        else f"fsdp_version {plugin.fsdp_version}: only 2 (fully_shard) is supported"
+        f"fsdp_version {plugin.fsdp_version}: only 2 (fully_shard) is supported"
         if plugin.fsdp_version != 2
         else "fsdp_activation_checkpointing: set the stage's gradient_checkpointing instead"
         if plugin.activation_checkpointing

@@ -237,7 +237,7 @@ def run(cfg: RunConfig) -> Path:
     inputs = hash_inputs(
         {"policy": policy_dir, "pm": pm_dir, "prompts": red, "helpful_prompts": helpful or "none"}
     )
-    dist, device = setup(cfg.backend.device, "ppo", refuse={"deepspeed": DEEPSPEED_REFUSED})
+    dist, device = setup(cfg.backend.device, "ppo", no_deepspeed=DEEPSPEED_REFUSED)
     config = {"ppo": asdict(pc), "seed": cfg.seed}
     config |= dist.layout()  # processes (the global batch) and sharding shape the result
     fp = fingerprint(scrub(config), inputs)
