@@ -129,6 +129,32 @@ def test_one_process_dist_passes_through() -> None:
     assert opt == "optimizer" and torch.equal(call(x), model(x))
 
 
+def test_launched_command_destroys_its_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launched command leaves no process group for the interpreter's shutdown to tear down,
+    on success and after a user error alike; an unlaunched one touches no group."""
+    import torch.distributed as tdist
+
+    def group() -> None:
+        store = tdist.FileStore(str(tmp_path / f"store{len(list(tmp_path.iterdir()))}"), 1)
+        tdist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+    monkeypatch.setenv("RLAIF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    group()
+    try:
+        assert main(["--version"]) == 0 and tdist.is_initialized()  # no command ran: untouched
+        assert main(["models", "list"]) == 0 and tdist.is_initialized()  # not launched
+    finally:
+        tdist.destroy_process_group()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv, code in ((["models", "list"], 0), (["sft", str(tmp_path / "none.yaml")], 2)):
+        group()
+        assert main(argv) == code
+        assert not tdist.is_initialized(), argv
+
+
 def test_ppo_losses_of_shards_add_up_to_the_batch() -> None:
     """Each rank divides by the global micro-batch's token count: the ranks' losses and stats
     then sum to the one-process values, whatever the answer lengths on each rank."""

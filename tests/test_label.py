@@ -200,6 +200,10 @@ def test_load_preferences_formats_and_errors(tmp_path: Path) -> None:
         '{"chosen": "a", "rejected": "b", "p_chosen": 0.5}': "missing field 'prompt'",
         '{"chosen": "no turns", "rejected": "b"}': "not an hh-rlhf pair",
         '{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}': "prompt\\[0\\]",
+        '{"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"}': (
+            "prompt\\[0\\] must be \\{role: system\\|user\\|assistant"
+        ),
+        '{"prompt": [], "chosen": "a", "rejected": "b"}': "'prompt' must be a non-empty list",
         "not json": "invalid JSON",
     }
     for i, (line, msg) in enumerate(cases.items()):

@@ -203,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlaif {cmd.name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        from rlaif import distributed
+
+        if distributed.launched():
+            distributed.close()
 
 
 if __name__ == "__main__":

@@ -58,6 +58,20 @@ def launched() -> bool:
         return False
 
 
+def close() -> None:
+    """Destroy this process's process group, if the command made one.
+
+    Called once as a launched command ends (after an error too). Left to the interpreter's
+    shutdown, the group's C++ threads can be torn down in the wrong order, and a rank that had
+    finished its work then aborts with "terminate called without an active exception".
+    """
+    import sys
+
+    tdist = sys.modules.get("torch.distributed")
+    if tdist is not None and tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def shard_sizes(n: int, world: int) -> list[int]:
     """Sizes of ``world`` contiguous slices of ``n`` items, the first ``n % world`` one larger."""
     base, extra = divmod(n, world)

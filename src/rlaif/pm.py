@@ -172,8 +172,7 @@ class PreferenceModel(torch.nn.Module):
         progress: bool = False,
     ) -> list[float]:
         """Reward of each conversation (prompt messages + the final assistant answer)."""
-        from tqdm import tqdm
-
+        from rlaif.progress import progress as bar
         from rlaif.train_common import autocast
 
         was_training = self.training
@@ -183,7 +182,7 @@ class PreferenceModel(torch.nn.Module):
         out = [0.0] * len(ids)
         device = str(self.head.weight.device)
         starts = range(0, len(order), max(1, batch_size))
-        for start in tqdm(starts, desc="score", disable=not progress, leave=False):
+        for start in bar(starts, desc="score", show=progress, leave=False):
             chunk = order[start : start + batch_size]
             input_ids, mask = self.collate([ids[i] for i in chunk])
             with autocast(autocast_dtype, device):

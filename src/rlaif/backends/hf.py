@@ -273,7 +273,7 @@ class HFLM:
         ``seeds[i]`` seeds prompt ``i``'s sampling; by default they derive from ``params.seed``
         and ``i``. Stop strings end a row but are not cut from the ids.
         """
-        from tqdm import tqdm
+        from rlaif.progress import progress
 
         t0 = time.perf_counter()
         if seeds is None:
@@ -286,7 +286,7 @@ class HFLM:
             self.cfg.max_batch_size,
             self.cfg.max_batch_tokens,
         )
-        bar = tqdm(total=len(prompt_ids), desc=f"generate {self.name}", unit="seq", disable=None)
+        bar = progress(total=len(prompt_ids), desc=f"generate {self.name}", unit="seq")
         new_tokens = 0
         for batch in batches:
             rows = [list(prompt_ids[i]) for i in batch]
@@ -365,7 +365,7 @@ class HFLM:
         self, prompts: Sequence[Conversation], choices: Sequence[Sequence[str]]
     ) -> list[list[float]]:
         """``[i][j] = log P(choices[i][j] | prompts[i])``: one prompt pass per batch, one for choices."""
-        from tqdm import tqdm
+        from rlaif.progress import progress
 
         if len(prompts) != len(choices):
             raise ValueError("choice_logprobs: prompts and choices differ in length")
@@ -381,7 +381,7 @@ class HFLM:
             weights=[max(1, len(cs)) for cs in cids],
         )
         out: list[list[float]] = [[] for _ in enc]
-        for batch in tqdm(batches, desc=f"logprobs {self.name}", unit="batch", disable=None):
+        for batch in progress(batches, desc=f"logprobs {self.name}", unit="batch"):
             scores = self._score_batch([enc[i] for i in batch], [cids[i] for i in batch])
             for i, s in zip(batch, scores, strict=True):
                 out[i] = s

@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from tqdm import tqdm
 
 from rlaif.backends.base import BackendStats
 from rlaif.config import BackendConfig
 from rlaif.errors import UserError
+from rlaif.progress import progress
 
 log = logging.getLogger("rlaif.backends.openai_compat")
 T = TypeVar("T")
@@ -227,7 +227,7 @@ class Endpoints:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlaif-openai")
         try:
             futures = {pool.submit(fn, x): i for i, x in enumerate(items)}
-            with tqdm(total=len(items), desc=desc, unit="req", leave=False, disable=None) as bar:
+            with progress(total=len(items), desc=desc, unit="req", leave=False) as bar:
                 for fut in as_completed(futures):
                     out[futures[fut]] = fut.result()
                     bar.update(1)

@@ -268,7 +268,8 @@ class RayLM:
         """``actor.method(*args(start, stop))`` for each shard of ``range(n)``; results joined."""
         import ray
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-        from tqdm import tqdm
+
+        from rlaif.progress import progress
 
         live = [k for k in range(len(self.actors)) if k not in self.dead]
         if not live:
@@ -284,7 +285,7 @@ class RayLM:
         for i in range(len(bounds)):
             submit(i, live[i])
         parts: list[list[Any]] = [[] for _ in bounds]
-        bar = tqdm(total=n, desc=f"{desc} x{len(live)} actors", unit="seq", disable=None)
+        bar = progress(total=n, desc=f"{desc} x{len(live)} actors", unit="seq")
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

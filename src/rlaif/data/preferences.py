@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.data.hh import TranscriptError, split_pair
+from rlaif.data.prompts import chat_messages
 from rlaif.errors import UserError
 from rlaif.store import atomic_write_text, read_jsonl, record_id
 
@@ -61,18 +62,9 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
         if not value.strip():
             raise UserError(f"{where}: 'prompt' is empty")
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list):
         raise UserError(f"{where}: 'prompt' must be a non-empty list of chat messages or a string")
-    out: list[dict[str, str]] = []
-    for i, m in enumerate(value):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise UserError(f"{where}: prompt[{i}] must be {{'role': str, 'content': str}}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return chat_messages(value, where, "prompt")
 
 
 def parse_preference(obj: dict[str, Any], where: str) -> Preference:

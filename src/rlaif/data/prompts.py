@@ -111,9 +111,11 @@ def _from_jsonl(path: Path, first_turn_only: bool) -> list[tuple[list[dict[str, 
     return out
 
 
-def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
+def chat_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    """``value`` as a non-empty list of ``{role: system|user|assistant, content: str}``; a
+    one-line UserError naming ``where`` and ``field`` otherwise."""
     if not isinstance(value, list) or not value:
-        raise UserError(f"{where}: 'messages' must be a non-empty list of chat messages")
+        raise UserError(f"{where}: '{field}' must be a non-empty list of chat messages")
     messages: list[dict[str, str]] = []
     for i, m in enumerate(value):
         if (
@@ -122,9 +124,14 @@ def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
             or not isinstance(m.get("content"), str)
         ):
             raise UserError(
-                f"{where}: messages[{i}] must be {{role: system|user|assistant, content: str}}"
+                f"{where}: {field}[{i}] must be {{role: system|user|assistant, content: str}}"
             )
         messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
+    messages = chat_messages(value, where, "messages")
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()  # a prompt ends on the user's turn; a trailing answer is not part of it
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():

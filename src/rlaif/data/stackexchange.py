@@ -207,9 +207,9 @@ def _spool(path: Path, db: sqlite3.Connection, chunk: int = 2000) -> tuple[int, 
     qs: list[tuple[int, int | None, str, str]] = []
     ans: list[tuple[int, int, int, str]] = []
     nq = na = 0
-    from tqdm import tqdm
+    from rlaif.progress import progress
 
-    for row in tqdm(
+    for row in progress(
         iter_rows(path), desc=f"read {path.name}", unit=" rows", leave=False, delay=2.0
     ):
         kind = row.get("PostTypeId")

@@ -119,9 +119,8 @@ def evaluate(
     pair and question kind) and judgements already there are reused, so a killed run resumes
     where it stopped and gives the figures of an uninterrupted one.
     """
-    from tqdm import tqdm
-
     from rlaif.constitution import load_constitution
+    from rlaif.progress import progress
 
     lab = cfg.label
     principles = [(p.id, p.feedback) for p in load_constitution(cfg.constitution).principles]
@@ -150,7 +149,7 @@ def evaluate(
 
     keys = [{kind: record_id(kind, p.id) for kind in kinds} for p in prefs]
     ready = sum(all(key in done for key in row.values()) for row in keys)
-    bar = tqdm(total=len(comps), initial=ready, desc="eval-labeler", unit="pair", disable=None)
+    bar = progress(total=len(comps), initial=ready, desc="eval-labeler", unit="pair")
     for start in range(0, len(comps), CHUNK):
         span = range(start, min(start + CHUNK, len(comps)))
         todo_pairs = [i for i in span if any(key not in done for key in keys[i].values())]

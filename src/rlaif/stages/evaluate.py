@@ -187,11 +187,11 @@ def judge_all(
                 jobs.append((key, kind, i, j, p.id, pair))
     todo = [job for job in jobs if job[0] not in store]
     if todo:
-        from tqdm import tqdm
+        from rlaif.progress import progress
 
         labeler = judge.labeler()
         step = max(1, cfg.label.batch_pairs)
-        with tqdm(total=len(todo), desc="evaluate: judging", unit="pair", disable=None) as bar:
+        with progress(total=len(todo), desc="evaluate: judging", unit="pair") as bar:
             for k in range(0, len(todo), step):
                 chunk = todo[k : k + step]
                 res = labeler.compare([c[5] for c in chunk], [(0, 1)] * len(chunk))

@@ -151,9 +151,8 @@ def label_pairs(
     cfg: RunConfig, items: list[PromptItem], answers: dict[str, list[str]], policy: str
 ) -> list[dict[str, Any]]:
     """Label every prompt's pair with the feedback model; records appended to labels.jsonl."""
-    from tqdm import tqdm
-
     from rlaif.constitution import load_constitution
+    from rlaif.progress import progress
 
     lab = cfg.label
     store = JsonlStore(cfg.run_path / LABELS)
@@ -164,7 +163,7 @@ def label_pairs(
         feedback_ref = cfg.feedback_model_ref
         lm = make_lm(feedback_ref, cfg.backend)
         labeler = Labeler.from_config(lm, lab, cfg.seed, per_pair_calls=cfg.backend.kind == "hf")
-        bar = tqdm(total=len(todo), desc="label", unit="pair", disable=None)
+        bar = progress(total=len(todo), desc="label", unit="pair")
         done_q, t0 = 0, time.perf_counter()
         for start in range(0, len(todo), max(1, lab.batch_pairs)):
             part = todo[start : start + max(1, lab.batch_pairs)]

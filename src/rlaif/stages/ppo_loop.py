@@ -397,7 +397,7 @@ def train(
     ``dist``: data-parallel over its processes (module docstring); only its main process writes
     checkpoints and metrics. Every rank returns the same result.
     """
-    from tqdm import tqdm
+    from rlaif.progress import progress
 
     dist = dist or Dist()
     world = dist.world
@@ -439,9 +439,9 @@ def train(
         metrics_path, resume_step=start if last is not None else None, active=dist.main
     )
     result = TrainResult(steps=start, resumed_from=start)
-    bar = tqdm(
+    bar = progress(
         range(start + 1, steps + 1), desc="ppo", unit="step", initial=start, total=steps,
-        disable=not dist.main,
+        show=dist.main,
     )  # fmt: skip
     for step in bar:
         t0 = time.perf_counter()

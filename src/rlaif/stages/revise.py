@@ -285,7 +285,7 @@ def _resolve_format(cfg: ReviseConfig, lm: LM) -> str:
 
 def run(cfg: RunConfig, lm: LM | None = None) -> Path:
     """Run stage 1 for ``cfg``; return the path of ``revisions.jsonl``."""
-    from tqdm import tqdm
+    from rlaif.progress import progress
 
     rc = cfg.revise
     constitution = load_constitution(cfg.constitution).subset(rc.principles)
@@ -343,7 +343,7 @@ def run(cfg: RunConfig, lm: LM | None = None) -> Path:
             len(prompts) - len(todo), len(prompts), len(helpful) - len(htodo), len(helpful),
         )  # fmt: skip
     base_tokens = lm.stats.completion_tokens
-    bar = tqdm(total=len(prompts) + len(helpful), desc="revise", unit="prompt", disable=None)
+    bar = progress(total=len(prompts) + len(helpful), desc="revise", unit="prompt")
     bar.update(len(prompts) - len(todo) + len(helpful) - len(htodo))
 
     def on_step(label: str) -> None:

@@ -200,7 +200,6 @@ def train_pm(
     ``cfg.batch_size`` pairs per micro-batch; only its main process writes files.
     """
     import torch
-    from tqdm import tqdm
 
     from rlaif.checkpoint import (
         check_finite,
@@ -212,6 +211,7 @@ def train_pm(
     from rlaif.metrics import MetricsLog
     from rlaif.pair_packing import shared_prefix_len
     from rlaif.pm import TRAINABLE_FILE, load_trainable
+    from rlaif.progress import progress
     from rlaif.rl.pm_losses import mean_margin, pair_accuracy
     from rlaif.train_common import (
         autocast_dtype,
@@ -266,9 +266,9 @@ def train_pm(
     pm.train()
     t_start, n_pairs, n_tokens = time.perf_counter(), 0, 0
     row: dict[str, float] = {}
-    for step in tqdm(
+    for step in progress(
         range(start + 1, total + 1), desc=f"reward {phase}", initial=start, total=total,
-        disable=not dist.main,
+        show=dist.main,
     ):  # fmt: skip
         sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
         for j in range(cfg.grad_accum):

@@ -142,9 +142,8 @@ def _load_model(cfg: RunConfig, base: Path, ckpt: Path | None, device: str) -> t
 
 def run(cfg: RunConfig) -> Path:
     """Fine-tune ``cfg.model`` on the revisions; return the output model directory."""
-    from tqdm import tqdm
-
     from rlaif.distributed import setup
+    from rlaif.progress import progress
     from rlaif.train_common import (
         autocast,
         autocast_dtype,
@@ -190,7 +189,8 @@ def run(cfg: RunConfig) -> Path:
     model, tok = _load_model(cfg, base, ckpt, device)
     examples = build_examples(cfg, rev, helpful)
     encoded = [
-        encode(tok, ex, scfg.max_length) for ex in tqdm(examples, desc="sft: tokenize", unit="ex")
+        encode(tok, ex, scfg.max_length)
+        for ex in progress(examples, desc="sft: tokenize", unit="ex")
     ]
     total = total_optimizer_steps(len(encoded), scfg, dist.world)
     opt, sched = build_optimizer(model, scfg, total)
@@ -225,9 +225,9 @@ def run(cfg: RunConfig) -> Path:
         next(stream)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     last_good, loss_val = ckpt, float(state.get("loss", float("nan")))
-    bar = tqdm(
+    bar = progress(
         range(start + 1, total + 1), desc="sft", unit="step", initial=start, total=total,
-        disable=not dist.main,
+        show=dist.main,
     )  # fmt: skip
     for step in bar:
         t0 = time.perf_counter()

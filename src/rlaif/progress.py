@@ -1,0 +1,74 @@
+"""Progress bars for the long loops: tqdm on a terminal, a plain line now and then in a log.
+
+tqdm's own default (``disable=None``) draws nothing when stderr is not a terminal, so a run under
+``nohup``, a scheduler or CI would show no progress at all for an hour. Here, when stderr is
+redirected, a bar stays silent for its first ``RLAIF_PROGRESS_S`` seconds (default 60), then writes
+one newline-terminated line at most that often, and one at its end. ``RLAIF_PROGRESS=off`` turns
+every bar off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+"""One line per refresh in a log: no bar, which only makes sense redrawn in place."""
+
+
+class _Lines:
+    """The stream of one bar in a log: each new count once, on its own line, without tqdm's
+    carriage returns and the blanking it writes to redraw in place."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        count = line.rsplit(" [", 1)[0]  # "desc: n/total": the rate alone changing is no news
+        if line and count != self.last:
+            self.last = count
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def log_interval() -> float:
+    """Seconds between two lines of one bar when stderr is not a terminal."""
+    raw = os.environ.get("RLAIF_PROGRESS_S", "60")
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return 60.0
+
+
+def enabled() -> bool:
+    return os.environ.get("RLAIF_PROGRESS", "on").strip().lower() not in ("off", "0", "false")
+
+
+def progress(iterable: Iterable[T] | None = None, *, show: bool = True, **kw: Any) -> tqdm[T]:
+    """``tqdm(iterable, **kw)`` for a stage's loop. ``show=False`` (ranks other than the main
+    one, quiet callers) or ``RLAIF_PROGRESS=off`` gives a bar that draws nothing."""
+    if not show or not enabled():
+        return tqdm(iterable, disable=True, **kw)
+    isatty = getattr(sys.stderr, "isatty", None)
+    if isatty is not None and isatty():
+        return tqdm(iterable, **kw)
+    every = log_interval()
+    kw.setdefault("delay", every)  # a loop shorter than one interval writes nothing
+    return tqdm(
+        iterable,
+        mininterval=every,
+        maxinterval=max(every, 10.0),
+        bar_format=LOG_FORMAT,
+        file=_Lines(sys.stderr),
+        **kw,
+    )

@@ -1,0 +1,58 @@
+"""Progress bars: drawn in place on a terminal, plain lines in a log, off on request."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from rlaif.progress import progress
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_gets_one_plain_line_per_new_count(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLAIF_PROGRESS_S", "0")
+    bar = progress(total=3, desc="label", unit="pair")
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line.split(" [")[0] for line in lines] == [f"label: {n}/3" for n in (0, 1, 2, 3)]
+    assert lines[-1].endswith("pair/s]")
+
+
+def test_a_short_loop_in_a_log_writes_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RLAIF_PROGRESS_S", raising=False)  # 60 s
+    assert sum(progress(range(50), desc="quick")) == sum(range(50))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("how", ["env", "show"])
+def test_bars_can_be_turned_off(
+    how: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLAIF_PROGRESS_S", "0")
+    if how == "env":
+        monkeypatch.setenv("RLAIF_PROGRESS", "off")
+    assert list(progress(range(4), desc="x", show=how != "show")) == [0, 1, 2, 3]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_terminal_gets_a_bar_redrawn_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    term = Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    monkeypatch.setenv("RLAIF_PROGRESS_S", "0")
+    for _ in progress(range(3), desc="sft", mininterval=0):
+        pass
+    out = term.getvalue()
+    assert "\r" in out and "sft: 100%|" in out
