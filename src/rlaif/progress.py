@@ -4,7 +4,8 @@ tqdm's own default (``disable=None``) draws nothing when stderr is not a termina
 ``nohup``, a scheduler or CI would show no progress at all for an hour. Here, when stderr is
 redirected, a bar stays silent for its first ``RLAIF_PROGRESS_S`` seconds (default 60), then writes
 one newline-terminated line at most that often, and one at its end. ``RLAIF_PROGRESS=off`` turns
-every bar off.
+every bar off. The backends' bars (one per generate or scoring call, nested inside a stage's
+bar) pass ``leave=False``, so a terminal keeps only the stage's bar once a call is done.
 """
 
 from __future__ import annotations

@@ -286,7 +286,7 @@ class HFLM:
             self.cfg.max_batch_size,
             self.cfg.max_batch_tokens,
         )
-        bar = progress(total=len(prompt_ids), desc=f"generate {self.name}", unit="seq")
+        bar = progress(total=len(prompt_ids), desc=f"generate {self.name}", unit="seq", leave=False)
         new_tokens = 0
         for batch in batches:
             rows = [list(prompt_ids[i]) for i in batch]
@@ -381,7 +381,7 @@ class HFLM:
             weights=[max(1, len(cs)) for cs in cids],
         )
         out: list[list[float]] = [[] for _ in enc]
-        for batch in progress(batches, desc=f"logprobs {self.name}", unit="batch"):
+        for batch in progress(batches, desc=f"logprobs {self.name}", unit="batch", leave=False):
             scores = self._score_batch([enc[i] for i in batch], [cids[i] for i in batch])
             for i, s in zip(batch, scores, strict=True):
                 out[i] = s

@@ -285,7 +285,7 @@ class RayLM:
         for i in range(len(bounds)):
             submit(i, live[i])
         parts: list[list[Any]] = [[] for _ in bounds]
-        bar = progress(total=n, desc=f"{desc} x{len(live)} actors", unit="seq")
+        bar = progress(total=n, desc=f"{desc} x{len(live)} actors", unit="seq", leave=False)
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
