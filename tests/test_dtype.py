@@ -44,10 +44,30 @@ def test_real_probe_is_fast_cached_and_consistent() -> None:
     assert dt.pick_dtype("auto", "cpu") is (torch.bfloat16 if faster_bf16 else torch.float32)
 
 
-def test_time_matmul_returns_a_duration() -> None:
+def test_time_matmuls_returns_a_duration_per_dtype() -> None:
     # Only that it measures something: comparing two timings is flaky on a loaded machine.
-    seconds = dt.time_matmul(torch.float32, shape=(8, 64, 64))
-    assert 0 < seconds < 60
+    secs = dt.time_matmuls((torch.float32, torch.bfloat16), shape=(8, 64, 64), budget_s=0.0)
+    assert len(secs) == 2 and all(0 < s < 60 for s in secs)
+
+
+def test_probe_takes_turns_so_a_burst_cannot_decide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dtypes are timed in alternation, at least MIN_ROUNDS times each, best kept: a stall
+    in one round (here the first bf16 call, 50x slow) does not make bf16 look slow."""
+    calls: list[torch.dtype] = []
+    clock = [0.0]
+    cost = {torch.float32: 4.0, torch.bfloat16: 1.0}
+
+    def fake_linear(a: torch.Tensor, b: torch.Tensor) -> None:
+        calls.append(a.dtype)
+        timed = calls[2:]  # after one warm-up call each
+        stall = 50.0 if a.dtype == torch.bfloat16 and timed.count(torch.bfloat16) == 1 else 1.0
+        clock[0] += cost[a.dtype] * stall * 1e-3
+
+    monkeypatch.setattr(torch.nn.functional, "linear", fake_linear)
+    monkeypatch.setattr(dt.time, "perf_counter", lambda: clock[0])
+    secs = dt.time_matmuls((torch.float32, torch.bfloat16), budget_s=0.0)
+    assert calls[2:8] == [torch.float32, torch.bfloat16] * dt.MIN_ROUNDS
+    assert secs == pytest.approx([4e-3, 1e-3])
 
 
 def test_resolve_device() -> None:

@@ -9,6 +9,7 @@ The probe takes well under a second and runs once per process and device.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -17,12 +18,15 @@ from rlaif.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # A decode-like shape: a batch of 64 rows through a 1024 x 2048 projection (0.27 GFLOP).
 PROBE_SHAPE = (64, 1024, 2048)
 # bf16 must beat fp32 by this factor: it costs a little accuracy, so a tie goes to fp32.
 BF16_MIN_SPEEDUP = 1.2
+MIN_ROUNDS = 3
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -35,34 +39,40 @@ def dtype_from_name(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def time_matmul(
-    dtype: torch.dtype,
+def time_matmuls(
+    dtypes: tuple[torch.dtype, ...],
     device: str = "cpu",
     shape: tuple[int, int, int] = PROBE_SHAPE,
-    reps: int = 3,
-    budget_s: float = 0.3,
-) -> float:
-    """Best-of-``reps`` seconds for one ``(m, k) @ (k, n)`` matmul in ``dtype``.
+    rounds: int = 7,
+    budget_s: float = 1.0,
+) -> list[float]:
+    """Best seconds for one ``(m, k) @ (k, n)`` matmul in each of ``dtypes``, timed in turn.
 
-    Stops early once ``budget_s`` is spent (a slow dtype needs no more reps to lose).
+    Each round times every dtype once, one after the other, so a burst of other work on a busy
+    machine (a page-cache flush after a download, a neighbour's job) falls on both sides instead
+    of deciding the comparison; the best of the rounds is kept. After ``MIN_ROUNDS`` the rounds
+    stop once ``budget_s`` is spent.
     """
     import torch
 
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+    a32 = torch.randn(m, k, generator=gen)
+    b32 = torch.randn(n, k, generator=gen)
+    args = [(a32.to(device=device, dtype=d), b32.to(device=device, dtype=d)) for d in dtypes]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.nn.functional.linear(a, b)  # warm-up: kernel selection, first-touch allocations
-    sync()
-    best = float("inf")
-    start = time.perf_counter()
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    for a, b in args:  # warm-up: kernel selection, first-touch allocations
         torch.nn.functional.linear(a, b)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s:
+    sync()
+    best = [float("inf")] * len(dtypes)
+    start = time.perf_counter()
+    for r in range(rounds):
+        for i, (a, b) in enumerate(args):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            sync()
+            best[i] = min(best[i], time.perf_counter() - t0)
+        if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
             break
     return best
 
@@ -72,10 +82,21 @@ def probe(device: str = "cpu") -> dict[str, float]:
     """Seconds per probe matmul for fp32 and bf16 on ``device`` (cached per process)."""
     import torch
 
-    return {
-        "float32": time_matmul(torch.float32, device),
-        "bfloat16": time_matmul(torch.bfloat16, device),
-    }
+    fp32, bf16 = time_matmuls((torch.float32, torch.bfloat16), device)
+    t = {"float32": fp32, "bfloat16": bf16}
+    log.info(
+        "dtype probe on %s: a matmul takes %.2f ms in fp32, %.2f ms in bf16; 'auto' means %s "
+        "here (a dtype setting of float32 or bfloat16 overrides it)",
+        device,
+        fp32 * 1e3,
+        bf16 * 1e3,
+        "bfloat16" if _bf16_wins(t) else "float32",
+    )
+    return t
+
+
+def _bf16_wins(t: dict[str, float]) -> bool:
+    return t["float32"] > BF16_MIN_SPEEDUP * t["bfloat16"]
 
 
 def resolve_device(device: str) -> str:
@@ -103,4 +124,4 @@ def pick_dtype(pref: str, device: str) -> torch.dtype:
     if device != "cpu":
         return torch.float32
     t = probe(device)
-    return torch.bfloat16 if t["float32"] > BF16_MIN_SPEEDUP * t["bfloat16"] else torch.float32
+    return torch.bfloat16 if _bf16_wins(t) else torch.float32
