@@ -56,3 +56,17 @@ def test_a_terminal_gets_a_bar_redrawn_in_place(monkeypatch: pytest.MonkeyPatch)
         pass
     out = term.getvalue()
     assert "\r" in out and "sft: 100%|" in out
+
+
+def test_a_postfix_in_a_log_waits_for_the_next_timed_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tqdm redraws on every set_postfix; in a log that would be a line per training step."""
+    monkeypatch.setenv("RLAIF_PROGRESS_S", "3600")
+    bar = progress(total=5, desc="sft", unit="step")
+    for step in range(5):
+        bar.update(1)
+        bar.set_postfix(loss=f"{1 / (step + 1):.3f}")
+        bar.set_postfix_str(f"step {step}")
+    bar.close()
+    assert capsys.readouterr().err == ""

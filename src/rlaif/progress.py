@@ -42,6 +42,17 @@ class _Lines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):  # type: ignore[type-arg]
+    """A bar for a log: a new postfix (loss, tokens/s) waits for the next timed line instead of
+    writing one of its own at every step."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kw: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kw)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        super().set_postfix_str(s, refresh=False)
+
+
 def log_interval() -> float:
     """Seconds between two lines of one bar when stderr is not a terminal."""
     raw = os.environ.get("RLAIF_PROGRESS_S", "60")
@@ -65,7 +76,7 @@ def progress(iterable: Iterable[T] | None = None, *, show: bool = True, **kw: An
         return tqdm(iterable, **kw)
     every = log_interval()
     kw.setdefault("delay", every)  # a loop shorter than one interval writes nothing
-    return tqdm(
+    return _LogBar(
         iterable,
         mininterval=every,
         maxinterval=max(every, 10.0),
