@@ -70,3 +70,18 @@ def test_a_postfix_in_a_log_waits_for_the_next_timed_line(
         bar.set_postfix_str(f"step {step}")
     bar.close()
     assert capsys.readouterr().err == ""
+
+
+def test_nested_bars_in_a_log_write_no_cursor_moves(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLAIF_PROGRESS_S", "0")
+    outer = progress(total=2, desc="revise", unit="prompt")
+    for _ in range(2):
+        for _ in progress(range(2), desc="generate", unit="seq", leave=False):
+            pass
+        outer.update(1)
+    outer.close()
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    assert "revise: 2/2" in err and "generate: 2/2" in err

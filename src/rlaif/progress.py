@@ -76,6 +76,7 @@ def progress(iterable: Iterable[T] | None = None, *, show: bool = True, **kw: An
         return tqdm(iterable, **kw)
     every = log_interval()
     kw.setdefault("delay", every)  # a loop shorter than one interval writes nothing
+    kw.setdefault("position", 0)  # nested bars: no cursor moves, each line stands alone
     return _LogBar(
         iterable,
         mininterval=every,
