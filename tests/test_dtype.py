@@ -34,12 +34,14 @@ def test_auto_follows_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_real_probe_is_fast_cached_and_consistent() -> None:
     dt.probe.cache_clear()
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     timings = dt.probe("cpu")
     assert time.perf_counter() - t0 < 1.5
     assert set(timings) == {"float32", "bfloat16"}
     assert all(0 < v < 1 for v in timings.values())
     assert dt.probe("cpu") is timings  # cached per process
+    assert torch.get_num_threads() == threads  # timed on one thread, then put back
     faster_bf16 = timings["float32"] > dt.BF16_MIN_SPEEDUP * timings["bfloat16"]
     assert dt.pick_dtype("auto", "cpu") is (torch.bfloat16 if faster_bf16 else torch.float32)
 

@@ -82,7 +82,16 @@ def probe(device: str = "cpu") -> dict[str, float]:
     """Seconds per probe matmul for fp32 and bf16 on ``device`` (cached per process)."""
     import torch
 
-    fp32, bf16 = time_matmuls((torch.float32, torch.bfloat16), device)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        # One core: what bf16 buys is a property of the core, and a single thread does not
+        # stall at OpenMP barriers while other jobs hold the other cores (with both threads,
+        # a busy machine made bf16's ~1 ms matmul look slower than fp32's in 2 probes of 6).
+        torch.set_num_threads(1)
+    try:
+        fp32, bf16 = time_matmuls((torch.float32, torch.bfloat16), device)
+    finally:
+        torch.set_num_threads(threads)
     t = {"float32": fp32, "bfloat16": bf16}
     log.info(
         "dtype probe on %s: a matmul takes %.2f ms in fp32, %.2f ms in bf16; 'auto' means %s "
