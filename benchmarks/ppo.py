@@ -79,11 +79,13 @@ def child_ours(work: Path, model_dir: Path, a: argparse.Namespace) -> dict[str, 
 
     import torch
 
-    from rlaif.config import PPOConfig
+    from rlaif import heap
+    from rlaif.config import BackendConfig, PPOConfig
     from rlaif.modelio import load_causal_lm
     from rlaif.pm import load_pm
     from rlaif.stages.ppo_loop import PPOModels, train
 
+    heap.configure(BackendConfig().heap)  # as every `rlaif` stage command does
     torch.manual_seed(0)
     prompts = json.loads((work / "prompts.json").read_text())
     policy, tok = load_causal_lm(model_dir)
@@ -287,7 +289,7 @@ def main() -> int:
         "--ours-dtypes",
         default="float32,auto",
         help="our runs, comma-separated: float32 (as TRL), auto (our default: bf16 autocast "
-        "where the probe finds it faster), bfloat16",
+        "where the probe finds it faster), bfloat16; '' for none (TRL only)",
     )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--skip-trl", action="store_true", help="measure ours only")
@@ -312,8 +314,9 @@ def main() -> int:
         work = Path(tmp)
         info = prepare(work, model_dir, a.episodes)
         runs: dict[str, dict[str, Any]] = {}
-        for dt in a.ours_dtypes.split(","):
-            if dt == "auto" and _auto_is_fp32() and "float32" in a.ours_dtypes.split(","):
+        ours_dtypes = [d for d in a.ours_dtypes.split(",") if d]
+        for dt in ours_dtypes:
+            if dt == "auto" and _auto_is_fp32() and "float32" in ours_dtypes:
                 print("ours auto: the probe picks float32 here, the float32 run stands for it")
                 continue
             a.dtype = dt

@@ -265,3 +265,62 @@ def test_rollout_sampling_is_seeded_per_row(tiny_model_dir: Path) -> None:
     assert both[1] == alone[0]  # a row's draws do not depend on its batch mates
     assert all(len(toks) <= 5 and reason in ("stop", "length") for toks, reason in both)
     assert lm.sample_ids(rows, params, seeds=[11, 22]) == both
+
+
+def test_bf16_run_keeps_fp32_masters_and_starts_at_zero_kl(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    lm, tok = load_causal_lm(tiny_model_dir)
+    m = tiny_models(tiny_model_dir, scorer=PreferenceModel(lm, tok).requires_grad_(False))
+    params = {
+        n: p for n, p in torch.nn.ModuleDict({"p": m.policy, "v": m.value}).named_parameters()
+    }
+    pc = replace(SMALL, max_steps=2, dtype="bfloat16")
+    res = train(
+        m,
+        prompts(),
+        pc,
+        seed=0,
+        ckpt_root=tmp_path / "ck",
+        metrics_path=tmp_path / "m.jsonl",
+        amp=torch.bfloat16,
+    )
+    # step 1: policy == reference, one with bf16 linears swapped in, the other's stored for good
+    assert res.history[0]["kl"] == 0.0
+    assert all(math.isfinite(r["policy_loss"] + r["value_loss"]) for r in res.history)
+    after = dict(torch.nn.ModuleDict({"p": m.policy, "v": m.value}).named_parameters())
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in params.items())
+    assert m.ref is not None
+    assert m.ref.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert m.ref.model.embed_tokens.weight.dtype == torch.float32
+    assert m.scorer.lm.model.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16
+    assert m.scorer.head.weight.dtype == torch.float32
+
+
+def test_policy_then_value_gives_the_joint_backward_gradients(tiny_model_dir: Path) -> None:
+    from rlaif.backends.hf import HFLM
+
+    m = tiny_models(tiny_model_dir)
+    lm = HFLM.from_objects(m.policy, m.tokenizer)
+    pc = replace(SMALL, entropy_coef=0.01)
+    s, _ = ppo_loop.sample(lm, [lm.encode(p) for p in prompts()[:4]], pc, [1, 2, 3, 4])
+    old, ref, values = ppo_loop.rollout_forwards(m, s, pc, None)
+    ro = ppo_loop.make_rollout(s, old, ref, values, [0.0] * 4, [1.0, -1.0, 0.5, 0.0], pc, 0.1)
+    both = torch.nn.ModuleDict({"policy": m.policy, "value": m.value})
+
+    def grads() -> dict[str, torch.Tensor]:
+        out = {n: p.grad.clone() for n, p in both.named_parameters() if p.grad is not None}
+        both.zero_grad(set_to_none=True)
+        return out
+
+    split = ppo_loop._policy_then_value(m, ro, pc, None, "cpu", lambda **k: None, 1.0)
+    g_split = grads()
+    lp, ent, v = ppo_loop.policy_and_value(both, s, pc.temperature, "grad")
+    out = ppo_loop._losses(ro, lp, ent, v, pc, None)
+    (out["policy_part"] + out["value_part"]).backward()
+    g_joint = grads()
+    assert g_split.keys() == g_joint.keys() and len(g_split) > 10
+    for n, g in g_joint.items():
+        torch.testing.assert_close(g_split[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    joint = ppo_loop._stats(out, out)
+    assert [float(x) for x in split] == pytest.approx([float(x) for x in joint], rel=1e-6)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlaif import __version__
+from rlaif import __version__, heap
 from rlaif.errors import UserError
 
 
@@ -157,6 +157,7 @@ def run_stage(cmd: Command, argv: Sequence[str]) -> int:
 
     config, overrides = split_stage_args(cmd.name, argv)
     cfg = load_config(config, overrides)
+    heap.configure(cfg.backend.heap)
     out = _resolve(cmd.target)(cfg)
     if out is not None:
         print(f"rlaif {cmd.name}: done -> {out}")

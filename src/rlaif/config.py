@@ -24,6 +24,10 @@ class BackendConfig:
     """Weights/compute dtype for 'hf'; 'auto' runs a short matmul probe and takes the fastest."""
     device: str = "auto"
     """Torch device for 'hf' ('auto': cuda if present, else cpu)."""
+    heap: Literal["keep", "system"] = "keep"
+    """CPU memory freed by tensors (Linux, glibc): 'keep' reuses it inside the process, so a new
+    large tensor does not fault in fresh pages; 'system' returns large blocks to the OS when freed
+    (glibc's default). Ignored when LD_PRELOAD or glibc's MALLOC_* variables are set."""
     max_batch_size: int = 32
     """Most sequences in one forward batch ('hf')."""
     max_batch_tokens: int = 16384

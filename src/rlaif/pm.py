@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rlaif.attention import ATTENTION
 from rlaif.errors import UserError
 
 FORMAT = "rlaif-preference-model"
@@ -113,7 +114,7 @@ class PreferenceModel(torch.nn.Module):
         read_at: torch.Tensor,
     ) -> torch.Tensor:
         impl = str(getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa")
-        if impl not in ("sdpa", "flex_attention"):  # eager kernels add a float mask to the scores
+        if impl not in ("sdpa", "flex_attention", ATTENTION):  # eager adds a float mask instead
             dtype = next(self.decoder().parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(dtype).min

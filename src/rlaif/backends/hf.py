@@ -88,16 +88,25 @@ class HFLM:
 
     @classmethod
     def from_objects(
-        cls, model: Any, tokenizer: Any, cfg: BackendConfig | None = None, name: str = "policy"
+        cls,
+        model: Any,
+        tokenizer: Any,
+        cfg: BackendConfig | None = None,
+        name: str = "policy",
+        compute_dtype: torch.dtype | None = None,
     ) -> HFLM:
         """Wrap an already loaded model and tokenizer (e.g. a policy being trained).
 
         The model keeps its dtype and device; ``cfg`` gives the batching limits.
+        ``compute_dtype``: the dtype its keys and values come out in when the caller runs it
+        under autocast (the KV cache is kept in it); by default that of its weights.
         """
         lm = cls.__new__(cls)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         lm._setup(model, tokenizer, cfg or BackendConfig(), name)
+        if compute_dtype is not None:
+            lm.dtype = compute_dtype
         lm.path = Path(name)
         return lm
 

@@ -41,28 +41,28 @@ from typing import Any, Protocol
 
 import torch
 
+from rlaif.attention import use_short_attention
 from rlaif.backends.base import GenerationParams
 from rlaif.backends.hf import HFLM
 from rlaif.checkpoint import check_finite, latest_checkpoint
 from rlaif.checkpoint import load_trainer_state as _load_trainer_state
 from rlaif.config import BackendConfig, PPOConfig
 from rlaif.distributed import Dist, shard_bounds
+from rlaif.linear_dtype import linear_weights_as, store_linear_weights
 from rlaif.metrics import MetricsLog
 from rlaif.rl.advantages import RunningMoments, explained_variance, gae, masked_mean, masked_whiten
 from rlaif.rl.kl import KLController, kl_per_token, make_kl_controller, per_token_rewards
-from rlaif.rl.losses import (
-    clipped_value_loss,
-    entropy_from_logits,
-    logprobs_from_logits,
-    ppo_policy_loss,
-)
+from rlaif.rl.losses import clipped_value_loss, ppo_policy_loss
 from rlaif.rl.rollout import Rollout, Samples
+from rlaif.rl.token_logprobs import token_logprobs_and_entropy
 from rlaif.stages.ppo import load_trainable, save_ppo_checkpoint
 from rlaif.train_common import autocast, build_optimizer, grad_norm
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
+# Linears of a PM-shaped model left alone: its head runs in fp32, its LM head is never read.
+PM_FP32 = ("head", "lm_head")
 
 
 class Scorer(Protocol):
@@ -165,15 +165,10 @@ def policy_logprobs(
         use_cache=False,
         logits_to_keep=tlen + 1,
     )
-    logits = out.logits[:, :-1].float() / temperature
-    lp = logprobs_from_logits(logits, s.response_ids)
-    ent = None
+    lp, ent = token_logprobs_and_entropy(out.logits, s.response_ids, temperature)
     if entropy == "grad":
-        ent = entropy_from_logits(logits)
-    elif entropy:
-        with torch.no_grad():
-            ent = entropy_from_logits(logits)
-    return lp, ent
+        return lp, ent
+    return lp, (ent.detach() if entropy else None)
 
 
 def value_estimates(value: Any, s: Samples) -> torch.Tensor:
@@ -184,7 +179,8 @@ def value_estimates(value: Any, s: Samples) -> torch.Tensor:
         input_ids=s.input_ids, attention_mask=am, position_ids=_position_ids(am), use_cache=False
     )
     hidden = out.last_hidden_state[:, plen - 1 : plen + tlen - 1]
-    return value.head(hidden.float()).squeeze(-1)  # type: ignore[no-any-return]
+    with torch.autocast(device_type=hidden.device.type, enabled=False):  # as the PM: head in fp32
+        return value.head(hidden.float()).squeeze(-1)  # type: ignore[no-any-return]
 
 
 def policy_and_value(
@@ -281,6 +277,64 @@ def _item(x: torch.Tensor | float) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
 
+def _losses(
+    micro: Rollout,
+    lp: torch.Tensor | None,
+    ent: torch.Tensor | None,
+    v: torch.Tensor | None,
+    pc: PPOConfig,
+    count: float | None,
+) -> dict[str, Any]:
+    """The micro-batch's policy part (from ``lp``, ``ent``) and value part (from ``v``)."""
+    out: dict[str, Any] = {}
+    if lp is not None:
+        pg, st = ppo_policy_loss(
+            lp, micro.logprobs, micro.advantages, micro.mask, pc.clip_eps, count=count
+        )
+        assert ent is not None
+        ent_mean = masked_mean(ent, micro.mask, count=count)
+        out |= {"pg": pg, "ent": ent_mean, "approx_kl": st.approx_kl, "clipfrac": st.clipfrac}
+        out["policy_part"] = pg - pc.entropy_coef * ent_mean
+    if v is not None:
+        vf, vf_frac = clipped_value_loss(
+            v, micro.values, micro.returns, micro.mask, pc.value_clip, count=count
+        )
+        out |= {"vf": vf, "vf_clipfrac": vf_frac, "value_part": pc.vf_coef * vf}
+    return out
+
+
+def _stats(p: dict[str, Any], v: dict[str, Any]) -> tuple[Any, ...]:
+    loss = _item(p["policy_part"]) + _item(v["value_part"])
+    return (loss, p["pg"], v["vf"], p["ent"], p["approx_kl"], p["clipfrac"], v["vf_clipfrac"])
+
+
+def _policy_then_value(
+    models: PPOModels,
+    micro: Rollout,
+    pc: PPOConfig,
+    amp: torch.dtype | None,
+    dev: str,
+    on_bad: Any,
+    share: float,
+) -> tuple[Any, ...]:
+    """The policy's forward and backward, then the value function's: the same gradients as one
+    backward of the summed loss (the two models share no weights), with only one model's
+    activations held at a time."""
+    ent_mode = "grad" if pc.entropy_coef else True
+    with autocast(amp, dev):
+        lp, ent = policy_logprobs(models.policy, micro.samples, pc.temperature, ent_mode)
+    p = _losses(micro, lp, ent, None, pc, None)
+    on_bad(loss=_item(p["policy_part"]), policy_loss=_item(p["pg"]))
+    (p["policy_part"] * share).backward()
+    del lp, ent
+    with autocast(amp, dev):
+        v = value_estimates(models.value, micro.samples)
+    vv = _losses(micro, None, None, v, pc, None)
+    on_bad(loss=_item(vv["value_part"]), value_loss=_item(vv["vf"]))
+    (vv["value_part"] * share).backward()
+    return _stats(p, vv)
+
+
 def ppo_update(
     models: PPOModels,
     ro: Rollout,
@@ -319,28 +373,24 @@ def ppo_update(
                 micro = mb.select(torch.tensor(rows))
                 # one process: the micro-batch's own token count; else the global micro-batch's
                 count = float(mb.mask[start:end].sum()) if world > 1 else None
+                # DDP averages over ranks; the ranks' losses add up to the global micro-batch's
+                share = (end - start) / len(mb) * world
                 with dist.syncing(j == len(starts) - 1):
-                    with autocast(amp, dev):
-                        lp, ent, v = forward(micro.samples)
-                    pg, st = ppo_policy_loss(
-                        lp, micro.logprobs, micro.advantages, micro.mask, pc.clip_eps, count=count
-                    )
-                    vf, vf_frac = clipped_value_loss(
-                        v, micro.values, micro.returns, micro.mask, pc.value_clip, count=count
-                    )
-                    assert ent is not None
-                    ent_mean = masked_mean(ent, micro.mask, count=count)
-                    loss = pg + pc.vf_coef * vf - pc.entropy_coef * ent_mean
-                    local = (loss, pg, vf, ent_mean, st.approx_kl, st.clipfrac, vf_frac)
-                    vals = dict(zip(keys, dist.sums([_item(x) for x in local]), strict=True))
-                    on_bad(
-                        loss=vals["loss"],
-                        policy_loss=vals["policy_loss"],
-                        value_loss=vals["value_loss"],
-                    )
-                    # DDP averages over ranks; the ranks' losses add up to the global micro-batch's
-                    share = (end - start) / len(mb) * world
-                    (loss * share).backward()
+                    if dist.state is None:  # one process: each model's backward on its own
+                        local = _policy_then_value(models, micro, pc, amp, dev, on_bad, share)
+                        vals = dict(zip(keys, [_item(x) for x in local], strict=True))
+                    else:  # one pass through the wrapped module (DDP, FSDP), one backward
+                        with autocast(amp, dev):
+                            lp, ent, v = forward(micro.samples)
+                        out = _losses(micro, lp, ent, v, pc, count)
+                        local = _stats(out, out)
+                        vals = dict(zip(keys, dist.sums([_item(x) for x in local]), strict=True))
+                        on_bad(  # on the summed values, so that every rank stops together
+                            loss=vals["loss"],
+                            policy_loss=vals["policy_loss"],
+                            value_loss=vals["value_loss"],
+                        )
+                        ((out["policy_part"] + out["value_part"]) * share).backward()
                 for k in keys[1:]:
                     sums[k] = sums.get(k, 0.0) + vals[k]
                 n += 1
@@ -403,7 +453,21 @@ def train(
     world = dist.world
     n_global = pc.rollout_batch_size * world  # episodes per step, over all processes
     lo, hi = shard_bounds(n_global, world, dist.rank)  # this rank's episodes
-    lm = HFLM.from_objects(models.policy, models.tokenizer, backend, name="policy")
+    # Under bf16 autocast the rollouts run with the linear weights already in bf16: the same
+    # numbers as autocast's per-call casts, paid once a step instead of at every decode step
+    # (rlaif.linear_dtype). FSDP gathers the weights itself, so they stay as they are there.
+    low = amp if dist.fsdp is None else None
+    lm = HFLM.from_objects(
+        models.policy, models.tokenizer, backend, name="policy", compute_dtype=low
+    )
+    for m in (models.policy, models.ref, models.value, models.scorer):
+        if m is not None and isinstance(m, torch.nn.Module):
+            use_short_attention(m)  # CPU: short sequences skip the flash kernel
+    if amp is not None:  # the frozen models for good
+        if models.ref is not None:
+            store_linear_weights(models.ref, amp)
+        if isinstance(models.scorer, torch.nn.Module):
+            store_linear_weights(models.scorer, amp, skip=PM_FP32)
     max_prompt = max(8, pc.max_length - pc.max_new_tokens)
     encoded = [lm.encode(m)[-max_prompt:] for m in prompts]
     steps = total_steps(len(prompts), pc, world)
@@ -450,14 +514,16 @@ def train(
         # a row's seed follows its place in the global batch, not the process it lands on
         seeds = [(seed * 1_000_003 + step) * 4099 + k for k in range(len(idx))]
         mine = idx[lo:hi]
-        with dist.full_weights():  # FSDP: every rank gathers the weights for its rollouts
+        lm.clear_prefix_cache()  # the weights changed since the last step's prompts ran
+        with dist.full_weights(), linear_weights_as(models.policy, low), autocast(amp, lm.device):
             samples, texts = sample(lm, [encoded[i] for i in mine], pc, seeds[lo:hi])
         t_gen = time.perf_counter() - t0
         convs = [
             [*prompts[i], {"role": "assistant", "content": t}]
             for i, t in zip(mine, texts, strict=True)
         ]
-        raw = [float(x) for x in models.scorer.score(convs, batch_size=pc.pm_batch_size)]
+        with autocast(amp, lm.device):
+            raw = [float(x) for x in models.scorer.score(convs, batch_size=pc.pm_batch_size)]
         raw = gather_floats(dist, raw, n_global)
         bad = functools.partial(check_finite, step, "ppo", last)
         bad(reward=sum(raw))
@@ -468,7 +534,11 @@ def train(
             if pc.value_from_pm and not calibrated:
                 calibrate_value_head(models.value.head, moments.mean, moments.std)
             calibrated = True
-        with dist.full_weights():  # after the calibration, which changes sharded weights
+        with (
+            dist.full_weights(),  # after the calibration, which changes sharded weights
+            linear_weights_as(models.policy, low),
+            linear_weights_as(models.value, low, PM_FP32),
+        ):
             per_token = rollout_forwards(models, samples, pc, amp)
         samples, per_token = gather_episodes(dist, samples, per_token, lm.pad_id, n_global)
         trunc = samples.truncated.tolist()
