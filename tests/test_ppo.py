@@ -33,7 +33,9 @@ class TargetTokenReward:
         self.calls = 0
         self.fail_at_call, self.fail = fail_at_call, fail
 
-    def score(self, conversations: Any, batch_size: int = 8) -> list[float]:
+    def score(
+        self, conversations: Any, batch_size: int = 8, *, autocast_dtype: Any = None
+    ) -> list[float]:
         self.calls += 1
         if self.calls == self.fail_at_call:
             if self.fail == "crash":

@@ -6,7 +6,7 @@ autograd then keeps three or four ``[B, T, V]`` fp32 tensors for backward and ma
 in it. With SmolLM2's 49k vocabulary, 8 answers of 48 tokens, each is 75 MB.
 
 :func:`token_logprobs_and_entropy` gives the same numbers from an autograd function that keeps
-only the logits it was given and one float per token (the log-sum-exp and the entropy), and works
+only the logits it was given and one float per token (the entropy), and works
 through the vocabulary one sequence at a time, in forward and in backward, so its scratch memory
 is one ``[T, V]`` fp32 block. The gradient is worked by hand:
 
@@ -21,15 +21,14 @@ from typing import Any
 import torch
 
 
-def _log_softmax_rows(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``log p`` of ``[T, V]`` logits at ``temperature`` (a new tensor) and its ``[T]`` lse."""
+def _log_softmax_rows(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 ``log p`` of ``[T, V]`` logits at ``temperature``, as a new tensor."""
     x = z.float()
     if x.data_ptr() == z.data_ptr():
         x = x.clone()
     if temperature != 1.0:
         x.div_(temperature)
-    lse = torch.logsumexp(x, dim=-1)
-    return x.sub_(lse.unsqueeze(-1)), lse
+    return x.sub_(torch.logsumexp(x, dim=-1).unsqueeze(-1))
 
 
 class _TokenStats(torch.autograd.Function):
@@ -41,7 +40,7 @@ class _TokenStats(torch.autograd.Function):
         lp = torch.empty(b, t, dtype=torch.float32, device=logits.device)
         ent = torch.empty_like(lp)
         for i in range(b):
-            logp, _ = _log_softmax_rows(logits[i, :t], temperature)
+            logp = _log_softmax_rows(logits[i, :t], temperature)
             lp[i] = logp.gather(-1, tokens[i].unsqueeze(-1)).squeeze(-1)
             ent[i] = -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(logits, tokens, ent)
@@ -59,11 +58,12 @@ class _TokenStats(torch.autograd.Function):
         if logits.shape[1] > t:
             grad[:, t:].zero_()
         for i in range(b):
-            logp, _ = _log_softmax_rows(logits[i, :t], temp)
+            logp = _log_softmax_rows(logits[i, :t], temp)
             p = logp.exp()
-            g = torch.zeros_like(p)
             if g_ent is not None:  # -p * (log p + H) * dL/dH
                 g = logp.add_(ent[i].unsqueeze(-1)).mul_(p).mul_(-g_ent[i].unsqueeze(-1))
+            else:
+                g = logp.zero_()
             if g_lp is not None:  # (onehot - p) * dL/dlogp
                 gl = g_lp[i].unsqueeze(-1)
                 g.sub_(p.mul_(gl)).scatter_add_(-1, tokens[i].unsqueeze(-1), gl)

@@ -68,7 +68,13 @@ PM_FP32 = ("head", "lm_head")
 class Scorer(Protocol):
     """What PPO needs from a reward model (``rlaif.pm.PreferenceModel`` fits)."""
 
-    def score(self, conversations: Sequence[Any], batch_size: int = 8) -> list[float]: ...
+    def score(
+        self,
+        conversations: Sequence[Any],
+        batch_size: int = 8,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> list[float]: ...
 
 
 @dataclass
@@ -515,31 +521,34 @@ def train(
         seeds = [(seed * 1_000_003 + step) * 4099 + k for k in range(len(idx))]
         mine = idx[lo:hi]
         lm.clear_prefix_cache()  # the weights changed since the last step's prompts ran
-        with dist.full_weights(), linear_weights_as(models.policy, low), autocast(amp, lm.device):
-            samples, texts = sample(lm, [encoded[i] for i in mine], pc, seeds[lo:hi])
-        t_gen = time.perf_counter() - t0
-        convs = [
-            [*prompts[i], {"role": "assistant", "content": t}]
-            for i, t in zip(mine, texts, strict=True)
-        ]
-        with autocast(amp, lm.device):
-            raw = [float(x) for x in models.scorer.score(convs, batch_size=pc.pm_batch_size)]
-        raw = gather_floats(dist, raw, n_global)
-        bad = functools.partial(check_finite, step, "ppo", last)
-        bad(reward=sum(raw))
-        scores = raw
-        if pc.normalize_reward:
-            moments.update(raw)
-            scores = moments.normalize(raw)
-            if pc.value_from_pm and not calibrated:
-                calibrate_value_head(models.value.head, moments.mean, moments.std)
-            calibrated = True
-        with (
-            dist.full_weights(),  # after the calibration, which changes sharded weights
-            linear_weights_as(models.policy, low),
-            linear_weights_as(models.value, low, PM_FP32),
-        ):
-            per_token = rollout_forwards(models, samples, pc, amp)
+        # the policy's bf16 linears, once for sampling and its no-grad forward (rlaif.linear_dtype)
+        with linear_weights_as(models.policy, low):
+            with dist.full_weights(), autocast(amp, lm.device):
+                samples, texts = sample(lm, [encoded[i] for i in mine], pc, seeds[lo:hi])
+            t_gen = time.perf_counter() - t0
+            convs = [
+                [*prompts[i], {"role": "assistant", "content": t}]
+                for i, t in zip(mine, texts, strict=True)
+            ]
+            raw = [
+                float(x)
+                for x in models.scorer.score(convs, batch_size=pc.pm_batch_size, autocast_dtype=amp)
+            ]
+            raw = gather_floats(dist, raw, n_global)
+            bad = functools.partial(check_finite, step, "ppo", last)
+            bad(reward=sum(raw))
+            scores = raw
+            if pc.normalize_reward:
+                moments.update(raw)
+                scores = moments.normalize(raw)
+                if pc.value_from_pm and not calibrated:
+                    calibrate_value_head(models.value.head, moments.mean, moments.std)
+                calibrated = True
+            with (
+                dist.full_weights(),  # after the calibration, which changes sharded weights
+                linear_weights_as(models.value, low, PM_FP32),
+            ):
+                per_token = rollout_forwards(models, samples, pc, amp)
         samples, per_token = gather_episodes(dist, samples, per_token, lm.pad_id, n_global)
         trunc = samples.truncated.tolist()
         scores = [s - pc.truncation_penalty * float(t) for s, t in zip(scores, trunc, strict=True)]
