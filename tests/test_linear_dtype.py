@@ -77,3 +77,29 @@ def test_stored_frozen_model_matches_and_skips_named_modules(
     assert pm.lm.lm_head.weight.dtype == torch.float32
     assert pm.lm.model.layers[0].mlp.down_proj.weight.dtype == BF16
     assert store_linear_weights(pm, None) == 0
+
+
+def test_stored_model_lets_go_of_its_safetensors_mapping(tiny_model_dir: Path) -> None:
+    """After :func:`store_linear_weights` no tensor of the model lies in the file's mapping, so
+    the pages the cast read in are released (a loaded model views its safetensors file)."""
+    model, _ = load_causal_lm(tiny_model_dir)
+    target = str((tiny_model_dir / "model.safetensors").resolve())
+
+    def mapped() -> list[tuple[int, int]]:
+        out = []
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            if line.endswith(target):
+                lo, hi = line.split()[0].split("-")
+                out.append((int(lo, 16), int(hi, 16)))
+        return out
+
+    def in_file() -> list[str]:
+        spans = mapped()
+        named = [*model.named_parameters(), *model.named_buffers()]
+        return [n for n, t in named if any(lo <= t.data_ptr() < hi for lo, hi in spans)]
+
+    if not mapped() or not in_file():
+        pytest.skip("this transformers copies safetensors weights on load")
+    store_linear_weights(model, BF16)
+    assert in_file() == []
+    assert model.model.embed_tokens.weight.dtype == torch.float32

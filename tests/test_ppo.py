@@ -299,30 +299,47 @@ def test_bf16_run_keeps_fp32_masters_and_starts_at_zero_kl(
     assert m.scorer.head.weight.dtype == torch.float32
 
 
-def test_policy_then_value_gives_the_joint_backward_gradients(tiny_model_dir: Path) -> None:
+def test_one_model_at_a_time_update_equals_the_joint_step(tiny_model_dir: Path) -> None:
+    """Policy backward, clip and step, then the value function's: the same parameters as one
+    backward of the summed loss, each model clipped on its own, and one AdamW step; over two
+    accumulated micro-batches, with clipping active."""
     from rlaif.backends.hf import HFLM
+    from rlaif.train_common import build_optimizer, grad_norm
 
     m = tiny_models(tiny_model_dir)
     lm = HFLM.from_objects(m.policy, m.tokenizer)
-    pc = replace(SMALL, entropy_coef=0.01)
+    pc = replace(SMALL, entropy_coef=0.01, max_grad_norm=0.05)
     s, _ = ppo_loop.sample(lm, [lm.encode(p) for p in prompts()[:4]], pc, [1, 2, 3, 4])
     old, ref, values = ppo_loop.rollout_forwards(m, s, pc, None)
     ro = ppo_loop.make_rollout(s, old, ref, values, [0.0] * 4, [1.0, -1.0, 0.5, 0.0], pc, 0.1)
+    m2 = replace(m, policy=copy.deepcopy(m.policy), value=copy.deepcopy(m.value))
+    micros = [(ro.select(torch.arange(0, 2)), 0.5), (ro.select(torch.arange(2, 4)), 0.5)]
+
     both = torch.nn.ModuleDict({"policy": m.policy, "value": m.value})
+    opt, _ = build_optimizer(both, pc, 10)
+    rows, gp, gv = ppo_loop._minibatch_one_process(
+        m, micros, opt, pc, None, "cpu", lambda **k: None
+    )
+    assert all(p.grad is None for p in both.parameters())  # nothing held after the step
 
-    def grads() -> dict[str, torch.Tensor]:
-        out = {n: p.grad.clone() for n, p in both.named_parameters() if p.grad is not None}
-        both.zero_grad(set_to_none=True)
-        return out
+    both2 = torch.nn.ModuleDict({"policy": m2.policy, "value": m2.value})
+    opt2, _ = build_optimizer(both2, pc, 10)
+    joint_rows = []
+    for micro, share in micros:
+        lp, ent, v = ppo_loop.policy_and_value(both2, micro.samples, pc.temperature, "grad")
+        out = ppo_loop._losses(micro, lp, ent, v, pc, None)
+        ((out["policy_part"] + out["value_part"]) * share).backward()
+        joint_rows.append([ppo_loop._item(x) for x in ppo_loop._stats(out, out)])
+    gp2, gv2 = grad_norm(m2.policy, pc.max_grad_norm), grad_norm(m2.value, pc.max_grad_norm)
+    opt2.step()
 
-    split = ppo_loop._policy_then_value(m, ro, pc, None, "cpu", lambda **k: None, 1.0)
-    g_split = grads()
-    lp, ent, v = ppo_loop.policy_and_value(both, s, pc.temperature, "grad")
-    out = ppo_loop._losses(ro, lp, ent, v, pc, None)
-    (out["policy_part"] + out["value_part"]).backward()
-    g_joint = grads()
-    assert g_split.keys() == g_joint.keys() and len(g_split) > 10
-    for n, g in g_joint.items():
-        torch.testing.assert_close(g_split[n], g, rtol=1e-5, atol=1e-7, msg=n)
-    joint = ppo_loop._stats(out, out)
-    assert [float(x) for x in split] == pytest.approx([float(x) for x in joint], rel=1e-6)
+    assert gp == pytest.approx(gp2, rel=1e-5) and gv == pytest.approx(gv2, rel=1e-5)
+    assert gp > pc.max_grad_norm and gv > pc.max_grad_norm  # both clips did something
+    assert [list(r) for r in rows] == [pytest.approx(r, rel=1e-6) for r in joint_rows]
+    start = dict(tiny_models(tiny_model_dir).policy.named_parameters())
+    moved = 0
+    for (n, p), p2 in zip(both.named_parameters(), both2.parameters(), strict=True):
+        torch.testing.assert_close(p, p2, rtol=1e-5, atol=1e-7, msg=n)
+        key = n.removeprefix("policy.")
+        moved += key in start and not torch.equal(p, start[key])
+    assert moved > 10  # the policy did move

@@ -309,36 +309,103 @@ def _losses(
     return out
 
 
+STAT_KEYS = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac")
+"""What :func:`_stats` returns, in order."""
+
+
 def _stats(p: dict[str, Any], v: dict[str, Any]) -> tuple[Any, ...]:
     loss = _item(p["policy_part"]) + _item(v["value_part"])
     return (loss, p["pg"], v["vf"], p["ent"], p["approx_kl"], p["clipfrac"], v["vf_clipfrac"])
 
 
-def _policy_then_value(
+def _minibatch_one_process(
     models: PPOModels,
-    micro: Rollout,
+    micros: list[tuple[Rollout, float]],
+    optimizer: Any,
     pc: PPOConfig,
     amp: torch.dtype | None,
     dev: str,
     on_bad: Any,
-    share: float,
-) -> tuple[Any, ...]:
-    """The policy's forward and backward, then the value function's: the same gradients as one
-    backward of the summed loss (the two models share no weights), with only one model's
-    activations held at a time."""
+) -> tuple[list[tuple[float, ...]], float, float]:
+    """One process, one mini-batch: the policy's forward and backward over every micro-batch (each
+    ``(micro, share of the mini-batch)``), its clip and optimizer step; then the value function's.
+
+    The same update as one backward of the summed loss and one optimizer step: the two models share
+    no weights and are clipped each on its own, and AdamW moves a parameter from its own gradient
+    and moments alone and leaves a parameter without a gradient as it is. Only one model's
+    activations and gradients are held at a time: the policy's gradients are gone before the
+    value function's forward. Returns each micro-batch's :func:`_stats` and the two norms.
+    """
     ent_mode = "grad" if pc.entropy_coef else True
-    with autocast(amp, dev):
-        lp, ent = policy_logprobs(models.policy, micro.samples, pc.temperature, ent_mode)
-    p = _losses(micro, lp, ent, None, pc, None)
-    on_bad(loss=_item(p["policy_part"]), policy_loss=_item(p["pg"]))
-    (p["policy_part"] * share).backward()
-    del lp, ent
-    with autocast(amp, dev):
-        v = value_estimates(models.value, micro.samples)
-    vv = _losses(micro, None, None, v, pc, None)
-    on_bad(loss=_item(vv["value_part"]), value_loss=_item(vv["vf"]))
-    (vv["value_part"] * share).backward()
-    return _stats(p, vv)
+    parts: list[dict[str, float]] = []
+    for micro, share in micros:
+        with autocast(amp, dev):
+            lp, ent = policy_logprobs(models.policy, micro.samples, pc.temperature, ent_mode)
+        p = _losses(micro, lp, ent, None, pc, None)
+        on_bad(loss=_item(p["policy_part"]), policy_loss=_item(p["pg"]))
+        (p["policy_part"] * share).backward()
+        parts.append({k: _item(x) for k, x in p.items()})
+        del lp, ent, p
+    gp = grad_norm(models.policy, pc.max_grad_norm)
+    on_bad(grad_norm_policy=gp)
+    optimizer.step()  # the value function has no gradients yet: only the policy moves
+    models.policy.zero_grad(set_to_none=True)
+    stats = []
+    for (micro, share), p_part in zip(micros, parts, strict=True):
+        with autocast(amp, dev):
+            v = value_estimates(models.value, micro.samples)
+        vv = _losses(micro, None, None, v, pc, None)
+        on_bad(loss=_item(vv["value_part"]), value_loss=_item(vv["vf"]))
+        (vv["value_part"] * share).backward()
+        stats.append(tuple(_item(x) for x in _stats(p_part, vv)))
+        del v, vv
+    gv = grad_norm(models.value, pc.max_grad_norm)
+    on_bad(grad_norm_value=gv)
+    optimizer.step()  # the policy's gradients are gone: only the value function moves
+    models.value.zero_grad(set_to_none=True)
+    return stats, gp, gv
+
+
+def _minibatch_launched(
+    models: PPOModels,
+    mb: Rollout,
+    bounds: list[tuple[int, int]],
+    optimizer: Any,
+    pc: PPOConfig,
+    amp: torch.dtype | None,
+    dev: str,
+    on_bad: Any,
+    forward: Callable[[Samples], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+    dist: Dist,
+) -> tuple[list[tuple[float, ...]], float, float]:
+    """A launched process (DDP, FSDP), one mini-batch: one pass of the wrapped module and one
+    backward per micro-batch, this rank's slice of each; then one optimizer step. Returns the
+    global micro-batches' :func:`_stats` (summed over ranks) and the two gradient norms."""
+    world = dist.world
+    stats = []
+    for j, (start, end) in enumerate(bounds):
+        rows, _ = dist.shard(range(start, end))  # this rank's slice
+        micro = mb.select(torch.tensor(rows))
+        # the global micro-batch's token count (one launched process: its own)
+        count = float(mb.mask[start:end].sum()) if world > 1 else None
+        # DDP averages over ranks; the ranks' losses add up to the global micro-batch's
+        share = (end - start) / len(mb) * world
+        with dist.syncing(j == len(bounds) - 1):
+            with autocast(amp, dev):
+                lp, ent, v = forward(micro.samples)
+            out = _losses(micro, lp, ent, v, pc, count)
+            row = tuple(dist.sums([_item(x) for x in _stats(out, out)]))
+            vals = dict(zip(STAT_KEYS, row, strict=True))
+            on_bad(  # on the summed values, so that every rank stops together
+                loss=vals["loss"], policy_loss=vals["policy_loss"], value_loss=vals["value_loss"]
+            )
+            ((out["policy_part"] + out["value_part"]) * share).backward()
+        stats.append(row)
+    gp = grad_norm(models.policy, pc.max_grad_norm)
+    gv = grad_norm(models.value, pc.max_grad_norm)
+    on_bad(grad_norm_policy=gp, grad_norm_value=gv)
+    optimizer.step()
+    return stats, gp, gv
 
 
 def ppo_update(
@@ -366,46 +433,27 @@ def ppo_update(
     dev = str(ro.samples.query_ids.device)
     mb_size = max(1, pc.batch_size * pc.grad_accum) * world
     micro_size = max(1, pc.batch_size) * world
-    keys = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac")
     sums: dict[str, float] = {}
     n = 0
     for _ in range(pc.ppo_epochs):
         for mb in ro.minibatches(mb_size, gen):
             optimizer.zero_grad(set_to_none=True)
-            starts = range(0, len(mb), micro_size)
-            for j, start in enumerate(starts):
-                end = min(start + micro_size, len(mb))
-                rows, _ = dist.shard(range(start, end))  # this rank's slice
-                micro = mb.select(torch.tensor(rows))
-                # one process: the micro-batch's own token count; else the global micro-batch's
-                count = float(mb.mask[start:end].sum()) if world > 1 else None
-                # DDP averages over ranks; the ranks' losses add up to the global micro-batch's
-                share = (end - start) / len(mb) * world
-                with dist.syncing(j == len(starts) - 1):
-                    if dist.state is None:  # one process: each model's backward on its own
-                        local = _policy_then_value(models, micro, pc, amp, dev, on_bad, share)
-                        vals = dict(zip(keys, [_item(x) for x in local], strict=True))
-                    else:  # one pass through the wrapped module (DDP, FSDP), one backward
-                        with autocast(amp, dev):
-                            lp, ent, v = forward(micro.samples)
-                        out = _losses(micro, lp, ent, v, pc, count)
-                        local = _stats(out, out)
-                        vals = dict(zip(keys, dist.sums([_item(x) for x in local]), strict=True))
-                        on_bad(  # on the summed values, so that every rank stops together
-                            loss=vals["loss"],
-                            policy_loss=vals["policy_loss"],
-                            value_loss=vals["value_loss"],
-                        )
-                        ((out["policy_part"] + out["value_part"]) * share).backward()
-                for k in keys[1:]:
-                    sums[k] = sums.get(k, 0.0) + vals[k]
+            bounds = [(a, min(a + micro_size, len(mb))) for a in range(0, len(mb), micro_size)]
+            if dist.state is None:  # one process: one model's backward and step at a time
+                micros = [(mb.select(torch.arange(a, b)), (b - a) / len(mb)) for a, b in bounds]
+                rows, gp, gv = _minibatch_one_process(
+                    models, micros, optimizer, pc, amp, dev, on_bad
+                )
+            else:
+                rows, gp, gv = _minibatch_launched(
+                    models, mb, bounds, optimizer, pc, amp, dev, on_bad, forward, dist
+                )
+            for row in rows:
+                for k, x in zip(STAT_KEYS[1:], row[1:], strict=True):
+                    sums[k] = sums.get(k, 0.0) + x
                 n += 1
-            gp = grad_norm(models.policy, pc.max_grad_norm)
-            gv = grad_norm(models.value, pc.max_grad_norm)
-            on_bad(grad_norm_policy=gp, grad_norm_value=gv)
             sums["grad_norm_policy"] = sums.get("grad_norm_policy", 0.0) + gp * pc.grad_accum
             sums["grad_norm_value"] = sums.get("grad_norm_value", 0.0) + gv * pc.grad_accum
-            optimizer.step()
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {k: v / max(n, 1) for k, v in sums.items()}
