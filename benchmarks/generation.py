@@ -8,7 +8,8 @@ SmolLM2-135M-Instruct (``rlaif models pull smollm2-135m``), 64 prompts from
 
 - ``naive``: ``model.generate`` one prompt at a time, fp32 (the baseline);
 - ``hf_generate``: ``model.generate`` on length-sorted left-padded batches of 32, fp32;
-- ``ours``: the ``hf`` backend with ``dtype=auto`` (the probe's pick);
+- ``ours``: the ``hf`` backend with ``dtype=auto`` (the probe's pick), freed memory kept in the
+  heap (``heap: keep``) as every ``rlaif`` command sets it;
 - ``ours_fp32``: the ``hf`` backend forced to fp32.
 
 Figures: new tokens/s of each, ``speedup`` (ours over naive), ``same_outputs`` (share of the
@@ -82,11 +83,13 @@ def _hf_generate(model_dir: str, prompts: list[Any], new: int, batch: int) -> di
 
 
 def _ours(model_dir: str, prompts: list[Any], new: int, dtype: str, batch: int) -> dict[str, Any]:
+    from rlaif import heap
     from rlaif.backends.base import GenerationParams
     from rlaif.backends.hf import HFLM
     from rlaif.config import BackendConfig
 
     cfg = BackendConfig(dtype=dtype, max_batch_size=batch, max_batch_tokens=1 << 20)  # type: ignore[arg-type]
+    heap.configure(cfg.heap)  # as every `rlaif` command does (docs/backends.md, "heap")
     lm = HFLM(model_dir, cfg)
     t0 = time.perf_counter()
     gens = lm.generate(prompts, GenerationParams(max_new_tokens=new, temperature=0.0))

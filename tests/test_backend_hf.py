@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -96,6 +97,32 @@ def test_batched_greedy_equals_single_and_reference(
         )
         assert g.text == expect
         assert g.prompt_tokens == len(lm.encode(p))
+
+
+def test_uncleared_cache_memory_never_reaches_attention(
+    lm: HFLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merged prefill chunks leave masked gaps; the buffers are not cleared, so the gaps must be
+    zeroed where they are left: here the fresh buffers hold NaN, as reused memory may."""
+    import rlaif.backends.hf as hf
+    from rlaif.backends.kvcache import _layer_class
+
+    layer = _layer_class()
+    original = layer.allocate
+
+    def poisoned(self: Any, rows: int, like: Any) -> None:
+        fresh = self.kbuf is None
+        original(self, rows, like)
+        if fresh:
+            self.kbuf.fill_(float("nan"))
+            self.vbuf.fill_(float("nan"))
+
+    monkeypatch.setattr(layer, "allocate", poisoned)
+    monkeypatch.setattr(hf, "PREFILL_TOKENS", 20)  # one chunk per prompt: every row has a gap
+    params = GenerationParams(max_new_tokens=8)
+    batched = lm.generate(PROMPTS, params)
+    singles = [lm.generate([p], params)[0] for p in PROMPTS]
+    assert [g.text for g in batched] == [g.text for g in singles]
 
 
 def test_small_token_budget_splits_batches_same_outputs(lively_dir: Path, lm: HFLM) -> None:

@@ -137,11 +137,13 @@ def _layer_class() -> type:
             self.values = self.vbuf[:, :, : self.length]
 
         def allocate(self, rows: int, like: Any) -> None:
-            """Zeroed buffers for ``rows`` rows shaped like layer ``like``'s (gaps read as 0)."""
+            """Buffers for ``rows`` rows shaped like layer ``like``'s, not cleared: every column
+            below ``length`` is written before attention reads it (:meth:`KVCache.place` zeroes
+            the gaps it leaves), and the decode columns are written one by one."""
             if self.kbuf is None:
                 _, h, _, d = like.kbuf.shape
-                self.kbuf = like.kbuf.new_zeros((rows, h, self.capacity, d))
-                self.vbuf = like.vbuf.new_zeros((rows, h, self.capacity, like.vbuf.shape[-1]))
+                self.kbuf = like.kbuf.new_empty((rows, h, self.capacity, d))
+                self.vbuf = like.vbuf.new_empty((rows, h, self.capacity, like.vbuf.shape[-1]))
                 self.device, self.is_initialized = like.kbuf.device, True
 
         def set_length(self, length: int) -> None:
@@ -259,12 +261,16 @@ class KVCache:
 
     def place(self, part: KVCache, rows: Any, shared: int, at: int) -> None:
         """Copy ``part`` (a prefilled chunk) into ``rows``: its first ``shared`` columns to the
-        same columns, the rest to columns ``at:``. Preallocated caches only."""
+        same columns, the rest to columns ``at:``; the masked gap between them is zeroed (masked
+        keys and values must be finite: a NaN times a zero weight is still NaN). Preallocated
+        caches only."""
         w = part.length - shared
         for dst, src in zip(self.cache.layers, part.cache.layers, strict=True):
             dst.allocate(self.mask.shape[0], src)
             for buf, sbuf in ((dst.kbuf, src.kbuf), (dst.vbuf, src.vbuf)):
                 buf[rows, :, :shared] = sbuf[:, :, :shared]
+                if at > shared:
+                    buf[rows, :, shared:at] = 0
                 buf[rows, :, at : at + w] = sbuf[:, :, shared : shared + w]
         self.mask[rows, :shared] = part.mask[:, :shared]
         self.mask[rows, at : at + w] = part.mask[:, shared : shared + w]
