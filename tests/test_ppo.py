@@ -299,6 +299,45 @@ def test_bf16_run_keeps_fp32_masters_and_starts_at_zero_kl(
     assert m.scorer.head.weight.dtype == torch.float32
 
 
+def test_row_chunks_cut_by_the_token_budget() -> None:
+    assert ppo_loop.row_chunks(8, 150, 0) == [(0, 8)]  # 0: no budget
+    assert ppo_loop.row_chunks(8, 150, 1200) == [(0, 8)]  # fits exactly
+    assert ppo_loop.row_chunks(8, 150, 512) == [(0, 3), (3, 5), (5, 8)]  # 3 rows fit: 3 chunks
+    assert ppo_loop.row_chunks(3, 900, 512) == [(0, 1), (1, 2), (2, 3)]  # one row at least
+
+
+def test_update_in_row_chunks_equals_whole_micro_batches(tiny_model_dir: Path) -> None:
+    """update_tokens cuts a micro-batch into row chunks whose losses add up to the micro-batch's
+    means: the same statistics, gradient norms and parameters as whole micro-batches."""
+    from rlaif.backends.hf import HFLM
+    from rlaif.train_common import build_optimizer
+
+    m = tiny_models(tiny_model_dir)
+    lm = HFLM.from_objects(m.policy, m.tokenizer)
+    pc = replace(SMALL, entropy_coef=0.01, max_grad_norm=0.05)
+    s, _ = ppo_loop.sample(lm, [lm.encode(p) for p in prompts()[:4]], pc, [1, 2, 3, 4])
+    s.response_mask[1, 2:] = 0  # answers of different lengths: chunks of uneven token counts
+    s.response_mask[3, 4:] = 0
+    old, ref, values = ppo_loop.rollout_forwards(m, s, pc, None)
+    ro = ppo_loop.make_rollout(s, old, ref, values, [0.0] * 4, [1.0, -1.0, 0.5, 0.0], pc, 0.1)
+    assert len(set(ro.mask.sum(1).tolist())) > 2
+    width = ro.samples.input_ids.shape[1]
+    results = []
+    for budget in (0, width):  # whole micro-batch of 4 rows; one row per chunk
+        mc = replace(m, policy=copy.deepcopy(m.policy), value=copy.deepcopy(m.value))
+        both = torch.nn.ModuleDict({"policy": mc.policy, "value": mc.value})
+        opt, _ = build_optimizer(both, pc, 10)
+        rows, gp, gv = ppo_loop._minibatch_one_process(
+            mc, [(ro, 1.0)], opt, replace(pc, update_tokens=budget), None, "cpu", lambda **k: None
+        )
+        results.append((rows, gp, gv, both))
+    (rows0, gp0, gv0, both0), (rows1, gp1, gv1, both1) = results
+    assert gp1 == pytest.approx(gp0, rel=1e-5) and gv1 == pytest.approx(gv0, rel=1e-5)
+    assert [list(r) for r in rows1] == [pytest.approx(list(r), rel=1e-5, abs=1e-7) for r in rows0]
+    for (n, p0), p1 in zip(both0.named_parameters(), both1.parameters(), strict=True):
+        torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6, msg=n)  # lr 1e-3 a step
+
+
 def test_one_model_at_a_time_update_equals_the_joint_step(tiny_model_dir: Path) -> None:
     """Policy backward, clip and step, then the value function's: the same parameters as one
     backward of the summed loss, each model clipped on its own, and one AdamW step; over two

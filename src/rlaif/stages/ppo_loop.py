@@ -30,6 +30,7 @@ fine-tuning) and the PM are not trained and stay whole on every rank.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import random
@@ -318,6 +319,35 @@ def _stats(p: dict[str, Any], v: dict[str, Any]) -> tuple[Any, ...]:
     return (loss, p["pg"], v["vf"], p["ent"], p["approx_kl"], p["clipfrac"], v["vf_clipfrac"])
 
 
+def row_chunks(rows: int, width: int, budget: int) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges of at most ``budget`` padded tokens (``rows x width``) each, as
+    equal as possible; one row at least; ``budget <= 0``: one range."""
+    if budget <= 0 or rows * width <= budget:
+        return [(0, rows)]
+    n = math.ceil(rows / max(1, budget // max(1, width)))
+    edges = [round(k * rows / n) for k in range(n + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _chunked_backward(
+    micro: Rollout, share: float, pc: PPOConfig, run: Callable[[Rollout, float], dict[str, Any]]
+) -> dict[str, float]:
+    """``run(piece, count)`` over the micro-batch's row chunks (``pc.update_tokens``): each returns
+    its losses divided by the micro-batch's token ``count`` (so the pieces add up to the micro-batch's
+    means), checked and backpropagated, scaled by ``share``. Returns the summed values."""
+    count = float(micro.mask.sum())
+    total: dict[str, float] = {}
+    for a, b in row_chunks(len(micro), micro.samples.input_ids.shape[1], pc.update_tokens):
+        piece = micro if (a, b) == (0, len(micro)) else micro.select(torch.arange(a, b))
+        out = run(piece, count)
+        loss = out.pop("_loss")
+        (loss * share).backward()
+        for k, x in out.items():
+            total[k] = total.get(k, 0.0) + _item(x)
+        del out, loss
+    return total
+
+
 def _minibatch_one_process(
     models: PPOModels,
     micros: list[tuple[Rollout, float]],
@@ -334,31 +364,35 @@ def _minibatch_one_process(
     no weights and are clipped each on its own, and AdamW moves a parameter from its own gradient
     and moments alone and leaves a parameter without a gradient as it is. Only one model's
     activations and gradients are held at a time: the policy's gradients are gone before the
-    value function's forward. Returns each micro-batch's :func:`_stats` and the two norms.
+    value function's forward. A micro-batch over ``pc.update_tokens`` runs in row chunks
+    (:func:`row_chunks`) whose losses add up to its own. Returns each micro-batch's
+    :func:`_stats` and the two norms.
     """
     ent_mode = "grad" if pc.entropy_coef else True
-    parts: list[dict[str, float]] = []
-    for micro, share in micros:
+
+    def policy_piece(piece: Rollout, count: float) -> dict[str, Any]:
         with autocast(amp, dev):
-            lp, ent = policy_logprobs(models.policy, micro.samples, pc.temperature, ent_mode)
-        p = _losses(micro, lp, ent, None, pc, None)
+            lp, ent = policy_logprobs(models.policy, piece.samples, pc.temperature, ent_mode)
+        p = _losses(piece, lp, ent, None, pc, count)
         on_bad(loss=_item(p["policy_part"]), policy_loss=_item(p["pg"]))
-        (p["policy_part"] * share).backward()
-        parts.append({k: _item(x) for k, x in p.items()})
-        del lp, ent, p
+        return {**p, "_loss": p["policy_part"]}
+
+    def value_piece(piece: Rollout, count: float) -> dict[str, Any]:
+        with autocast(amp, dev):
+            v = value_estimates(models.value, piece.samples)
+        vv = _losses(piece, None, None, v, pc, count)
+        on_bad(loss=_item(vv["value_part"]), value_loss=_item(vv["vf"]))
+        return {**vv, "_loss": vv["value_part"]}
+
+    parts = [_chunked_backward(micro, share, pc, policy_piece) for micro, share in micros]
     gp = grad_norm(models.policy, pc.max_grad_norm)
     on_bad(grad_norm_policy=gp)
     optimizer.step()  # the value function has no gradients yet: only the policy moves
     models.policy.zero_grad(set_to_none=True)
     stats = []
     for (micro, share), p_part in zip(micros, parts, strict=True):
-        with autocast(amp, dev):
-            v = value_estimates(models.value, micro.samples)
-        vv = _losses(micro, None, None, v, pc, None)
-        on_bad(loss=_item(vv["value_part"]), value_loss=_item(vv["vf"]))
-        (vv["value_part"] * share).backward()
+        vv = _chunked_backward(micro, share, pc, value_piece)
         stats.append(tuple(_item(x) for x in _stats(p_part, vv)))
-        del v, vv
     gv = grad_norm(models.value, pc.max_grad_norm)
     on_bad(grad_norm_value=gv)
     optimizer.step()  # the policy's gradients are gone: only the value function moves
