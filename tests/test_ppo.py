@@ -299,6 +299,19 @@ def test_bf16_run_keeps_fp32_masters_and_starts_at_zero_kl(
     assert m.scorer.head.weight.dtype == torch.float32
 
 
+def small_rollout(m: Any, pc: PPOConfig, ragged: bool = False) -> Any:
+    """A 4-episode rollout of the tiny models (``ragged``: answers cut to 6, 2, 6 and 4 tokens)."""
+    from rlaif.backends.hf import HFLM
+
+    lm = HFLM.from_objects(m.policy, m.tokenizer)
+    s, _ = ppo_loop.sample(lm, [lm.encode(p) for p in prompts()[:4]], pc, [1, 2, 3, 4])
+    if ragged:  # answers of different lengths: chunks of uneven token counts
+        s.response_mask[1, 2:] = 0
+        s.response_mask[3, 4:] = 0
+    old, ref, values = ppo_loop.rollout_forwards(m, s, pc, None)
+    return ppo_loop.make_rollout(s, old, ref, values, [0.0] * 4, [1.0, -1.0, 0.5, 0.0], pc, 0.1)
+
+
 def test_row_chunks_cut_by_the_token_budget() -> None:
     assert ppo_loop.row_chunks(8, 150, 0) == [(0, 8)]  # 0: no budget
     assert ppo_loop.row_chunks(8, 150, 1200) == [(0, 8)]  # fits exactly
@@ -309,17 +322,11 @@ def test_row_chunks_cut_by_the_token_budget() -> None:
 def test_update_in_row_chunks_equals_whole_micro_batches(tiny_model_dir: Path) -> None:
     """update_tokens cuts a micro-batch into row chunks whose losses add up to the micro-batch's
     means: the same statistics, gradient norms and parameters as whole micro-batches."""
-    from rlaif.backends.hf import HFLM
     from rlaif.train_common import build_optimizer
 
     m = tiny_models(tiny_model_dir)
-    lm = HFLM.from_objects(m.policy, m.tokenizer)
     pc = replace(SMALL, entropy_coef=0.01, max_grad_norm=0.05)
-    s, _ = ppo_loop.sample(lm, [lm.encode(p) for p in prompts()[:4]], pc, [1, 2, 3, 4])
-    s.response_mask[1, 2:] = 0  # answers of different lengths: chunks of uneven token counts
-    s.response_mask[3, 4:] = 0
-    old, ref, values = ppo_loop.rollout_forwards(m, s, pc, None)
-    ro = ppo_loop.make_rollout(s, old, ref, values, [0.0] * 4, [1.0, -1.0, 0.5, 0.0], pc, 0.1)
+    ro = small_rollout(m, pc, ragged=True)
     assert len(set(ro.mask.sum(1).tolist())) > 2
     width = ro.samples.input_ids.shape[1]
     results = []
@@ -342,15 +349,11 @@ def test_one_model_at_a_time_update_equals_the_joint_step(tiny_model_dir: Path) 
     """Policy backward, clip and step, then the value function's: the same parameters as one
     backward of the summed loss, each model clipped on its own, and one AdamW step; over two
     accumulated micro-batches, with clipping active."""
-    from rlaif.backends.hf import HFLM
     from rlaif.train_common import build_optimizer, grad_norm
 
     m = tiny_models(tiny_model_dir)
-    lm = HFLM.from_objects(m.policy, m.tokenizer)
     pc = replace(SMALL, entropy_coef=0.01, max_grad_norm=0.05)
-    s, _ = ppo_loop.sample(lm, [lm.encode(p) for p in prompts()[:4]], pc, [1, 2, 3, 4])
-    old, ref, values = ppo_loop.rollout_forwards(m, s, pc, None)
-    ro = ppo_loop.make_rollout(s, old, ref, values, [0.0] * 4, [1.0, -1.0, 0.5, 0.0], pc, 0.1)
+    ro = small_rollout(m, pc)
     m2 = replace(m, policy=copy.deepcopy(m.policy), value=copy.deepcopy(m.value))
     micros = [(ro.select(torch.arange(0, 2)), 0.5), (ro.select(torch.arange(2, 4)), 0.5)]
 

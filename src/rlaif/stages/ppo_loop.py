@@ -330,21 +330,25 @@ def row_chunks(rows: int, width: int, budget: int) -> list[tuple[int, int]]:
 
 
 def _chunked_backward(
-    micro: Rollout, share: float, pc: PPOConfig, run: Callable[[Rollout, float], dict[str, Any]]
+    micro: Rollout,
+    share: float,
+    pc: PPOConfig,
+    run: Callable[[Rollout, float], dict[str, Any]],
+    loss_key: str,
 ) -> dict[str, float]:
     """``run(piece, count)`` over the micro-batch's row chunks (``pc.update_tokens``): each returns
     its losses divided by the micro-batch's token ``count`` (so the pieces add up to the micro-batch's
-    means), checked and backpropagated, scaled by ``share``. Returns the summed values."""
+    means); ``loss_key``'s is backpropagated, scaled by ``share``. Returns the summed values."""
     count = float(micro.mask.sum())
+    width = micro.samples.query_ids.shape[1] + micro.samples.response_ids.shape[1]
     total: dict[str, float] = {}
-    for a, b in row_chunks(len(micro), micro.samples.input_ids.shape[1], pc.update_tokens):
+    for a, b in row_chunks(len(micro), width, pc.update_tokens):
         piece = micro if (a, b) == (0, len(micro)) else micro.select(torch.arange(a, b))
         out = run(piece, count)
-        loss = out.pop("_loss")
-        (loss * share).backward()
+        (out[loss_key] * share).backward()
         for k, x in out.items():
             total[k] = total.get(k, 0.0) + _item(x)
-        del out, loss
+        del out
     return total
 
 
@@ -375,28 +379,30 @@ def _minibatch_one_process(
             lp, ent = policy_logprobs(models.policy, piece.samples, pc.temperature, ent_mode)
         p = _losses(piece, lp, ent, None, pc, count)
         on_bad(loss=_item(p["policy_part"]), policy_loss=_item(p["pg"]))
-        return {**p, "_loss": p["policy_part"]}
+        return p
 
     def value_piece(piece: Rollout, count: float) -> dict[str, Any]:
         with autocast(amp, dev):
             v = value_estimates(models.value, piece.samples)
         vv = _losses(piece, None, None, v, pc, count)
         on_bad(loss=_item(vv["value_part"]), value_loss=_item(vv["vf"]))
-        return {**vv, "_loss": vv["value_part"]}
+        return vv
 
-    parts = [_chunked_backward(micro, share, pc, policy_piece) for micro, share in micros]
-    gp = grad_norm(models.policy, pc.max_grad_norm)
-    on_bad(grad_norm_policy=gp)
-    optimizer.step()  # the value function has no gradients yet: only the policy moves
-    models.policy.zero_grad(set_to_none=True)
-    stats = []
-    for (micro, share), p_part in zip(micros, parts, strict=True):
-        vv = _chunked_backward(micro, share, pc, value_piece)
-        stats.append(tuple(_item(x) for x in _stats(p_part, vv)))
-    gv = grad_norm(models.value, pc.max_grad_norm)
-    on_bad(grad_norm_value=gv)
-    optimizer.step()  # the policy's gradients are gone: only the value function moves
-    models.value.zero_grad(set_to_none=True)
+    def train(
+        model: Any, run: Any, loss_key: str, norm: str
+    ) -> tuple[list[dict[str, float]], float]:
+        """Every micro-batch's backward into ``model``, its clip and step, its gradients freed;
+        the other model has no gradients, so only this one moves."""
+        parts = [_chunked_backward(micro, share, pc, run, loss_key) for micro, share in micros]
+        g = grad_norm(model, pc.max_grad_norm)
+        on_bad(**{norm: g})
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return parts, g
+
+    p_parts, gp = train(models.policy, policy_piece, "policy_part", "grad_norm_policy")
+    v_parts, gv = train(models.value, value_piece, "value_part", "grad_norm_value")
+    stats = [tuple(_item(x) for x in _stats(p, v)) for p, v in zip(p_parts, v_parts, strict=True)]
     return stats, gp, gv
 
 
