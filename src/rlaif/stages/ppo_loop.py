@@ -388,7 +388,7 @@ def _minibatch_one_process(
         on_bad(loss=_item(vv["value_part"]), value_loss=_item(vv["vf"]))
         return vv
 
-    def train(
+    def update_one(
         model: Any, run: Any, loss_key: str, norm: str
     ) -> tuple[list[dict[str, float]], float]:
         """Every micro-batch's backward into ``model``, its clip and step, its gradients freed;
@@ -400,8 +400,8 @@ def _minibatch_one_process(
         model.zero_grad(set_to_none=True)
         return parts, g
 
-    p_parts, gp = train(models.policy, policy_piece, "policy_part", "grad_norm_policy")
-    v_parts, gv = train(models.value, value_piece, "value_part", "grad_norm_value")
+    p_parts, gp = update_one(models.policy, policy_piece, "policy_part", "grad_norm_policy")
+    v_parts, gv = update_one(models.value, value_piece, "value_part", "grad_norm_value")
     stats = [tuple(_item(x) for x in _stats(p, v)) for p, v in zip(p_parts, v_parts, strict=True)]
     return stats, gp, gv
 
