@@ -170,6 +170,31 @@ def test_killed_run_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert full.history[-1]["reward"] == pytest.approx(again.history[-1]["reward"], abs=1e-6)
 
 
+def test_final_checkpoint_leaves_out_the_optimizer_and_a_rerun_keeps_its_weights(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    models = tiny_models(tiny_model_dir)
+    res = train(models, prompts(), SMALL, seed=1, ckpt_root=tmp_path / "ck",
+                metrics_path=tmp_path / "m.jsonl")  # fmt: skip
+    assert res.steps == 4
+    ckpts = dict(list_checkpoints(tmp_path / "ck"))
+    assert sorted(ckpts) == [3, 4]  # keep_checkpoints: 2
+
+    def blob(step: int) -> dict[str, Any]:
+        return torch.load(ckpts[step] / "trainer_state.pt", weights_only=True)  # type: ignore[no-any-return]
+
+    assert "optimizer" in blob(3) and blob(3)["optimizer"]["state"]  # a resume steps on from it
+    assert "optimizer" not in blob(4) and "scheduler" in blob(4)  # nothing steps on from the last
+    trained = {n: p.detach().clone() for n, p in models.policy.named_parameters()}
+    # a rerun of the finished run (its output lost) resumes at the end: the trained weights
+    fresh = tiny_models(tiny_model_dir)
+    again = train(fresh, prompts(), SMALL, seed=1, ckpt_root=tmp_path / "ck",
+                  metrics_path=tmp_path / "m.jsonl")  # fmt: skip
+    assert again.resumed_from == 4 and again.history == []
+    for n, p in fresh.policy.named_parameters():
+        assert torch.equal(p, trained[n]), n
+
+
 @pytest.mark.parametrize("where", ["reward", "loss"])
 def test_nan_stops_with_last_good_checkpoint(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str

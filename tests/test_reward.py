@@ -117,6 +117,19 @@ def test_resume_matches_uninterrupted_run(
         metrics_path=tmp_path / "a.jsonl",
         **kw,
     )
+
+    def saved(step: int) -> dict[str, Any]:
+        path = tmp_path / "a" / f"step-{step:06d}" / "trainer_state.pt"
+        return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
+
+    # the last checkpoint leaves out the optimizer state: no run steps on from it
+    assert "optimizer" in saved(2) and "optimizer" not in saved(4)
+    again, _ = train_pm(
+        tiny_model_dir, pairs, cfg, ckpt_root=tmp_path / "a", metrics_path=tmp_path / "a2.jsonl",
+        **kw,
+    )  # fmt: skip
+    for (name, p), q in zip(full.named_parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q), name
     real = rlaif.checkpoint.check_finite
 
     def killed_at_3(step: int, *args: Any, **kwargs: Any) -> None:

@@ -337,7 +337,18 @@ def test_resume_matches_an_uninterrupted_run(
     for d in (straight, broken):
         write_run_inputs(d, fixtures)
     extra = {"sft.max_steps": 8, "sft.grad_accum": 2, "sft.lora": lora, "sft.lora_dropout": 0.1}
+    saved: dict[int, bool] = {}  # step: with the optimizer state
+    real_save = sft.save_checkpoint
+
+    def save(root: Path, step: int, **kw: Any) -> Path:
+        saved[step] = kw["optimizer"] is not None
+        return real_save(root, step, **kw)
+
+    monkeypatch.setattr(sft, "save_checkpoint", save)
     assert main(["sft", *train_args(straight, tiny_model_dir, **extra)]) == 0
+    # the last checkpoint leaves out the optimizer state (no run steps on from it, and a finished
+    # run deletes its checkpoints); the others keep it for the resume below
+    assert saved == {4: True, 8: False}
     real, calls = sft.response_loss, {"n": 0}
 
     def crash(logits: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:

@@ -236,7 +236,9 @@ class Dist:
         zero3 = self.deepspeed is not None and sharding.deepspeed_stage(self.deepspeed) == 3
         return self._wrapped is not None and (self.fsdp is not None or zero3)
 
-    def checkpoint_parts(self, model: Any, optimizer: Any, root: Path, step: int) -> dict[str, Any]:
+    def checkpoint_parts(
+        self, model: Any, optimizer: Any, root: Path, step: int, *, final: bool = False
+    ) -> dict[str, Any]:
         """Keyword arguments for :func:`rlaif.checkpoint.save_checkpoint` (``model``,
         ``optimizer``, ``optimizer_state``, ``move_in``): a collective under FSDP and DeepSpeed,
         every rank calls it, then the main process saves.
@@ -244,7 +246,14 @@ class Dist:
         FSDP: the full weights and the optimizer state by parameter name, gathered. DeepSpeed:
         the full weights, and every process writes its own optimizer shard to a hidden
         directory that the main process moves into the checkpoint.
+
+        ``final``: the run's last step, whose checkpoint no run ever steps on from (a resume
+        there has nothing left to train, and a longer run is another config, which starts
+        over), so it leaves the optimizer state out: AdamW's two moments are twice the weights'
+        size. DeepSpeed keeps its shards: its resume reads them.
         """
+        if final and self.deepspeed is None:
+            return {"model": self.unsharded(model), "optimizer": None}
         parts: dict[str, Any] = {"model": self.unsharded(model), "optimizer": optimizer}
         if self.fsdp is not None:
             parts["optimizer_state"] = sharding.fsdp_optimizer_state(self._wrapped, optimizer)

@@ -193,23 +193,20 @@ def save_ppo_checkpoint(
 ) -> Path:
     """Write ``root/step-N`` atomically: the trainable weights of ``both['policy']`` and
     ``both['value']``, the optimizer (``optimizer_state`` when given, FSDP's gathered state by
-    parameter name, else ``optimizer.state_dict()``), the scheduler and ``state.json``."""
+    parameter name, else ``optimizer.state_dict()``; none when both are None), the scheduler and
+    ``state.json``."""
     import torch
     from safetensors.torch import save_file
 
     def build(tmp: Path) -> None:
         save_file(trainable_state(both["policy"]), str(tmp / "policy.safetensors"))
         save_file(trainable_state(both["value"]), str(tmp / "value.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer_state
-                if optimizer_state is not None
-                else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            tmp / "trainer_state.pt",
-        )
+        blob = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        if optimizer_state is not None:
+            blob["optimizer"] = optimizer_state
+        elif optimizer is not None:
+            blob["optimizer"] = optimizer.state_dict()
+        torch.save(blob, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
 
     path = atomic_dir(Path(root) / f"step-{step:06d}", build)

@@ -676,11 +676,13 @@ def train(
                 "moments": moments.state(),
                 "value_calibrated": calibrated,
             }
-            parts = dist.checkpoint_parts(both, optimizer, ckpt_root, step)  # every rank
+            parts = dist.checkpoint_parts(  # every rank
+                both, optimizer, ckpt_root, step, final=step == steps
+            )
             last = dist.on_main(
                 functools.partial(
                     save_ppo_checkpoint,
-                    ckpt_root, step, parts["model"], parts.get("optimizer_state"), optimizer,
+                    ckpt_root, step, parts["model"], parts.get("optimizer_state"), parts["optimizer"],
                     scheduler, state, pc.keep_checkpoints,
                 )
             )  # fmt: skip

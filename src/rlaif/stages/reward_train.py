@@ -300,9 +300,9 @@ def train_pm(
         if step % cfg.log_every == 0 or step == total:
             metrics.log(step_offset + step, phase=phase, **row)
         if step % cfg.save_every == 0 or step == total:
+            parts = dist.checkpoint_parts(pm, opt, ckpt_root, step, final=step == total)
             last_good = dist.on_main(functools.partial(
-                save_checkpoint, ckpt_root, step, **dist.checkpoint_parts(pm, opt, ckpt_root, step),
-                scheduler=sched,
+                save_checkpoint, ckpt_root, step, **parts, scheduler=sched,
                 state={"fingerprint": fp, "phase": phase}, keep=cfg.keep_checkpoints,
             ))  # fmt: skip
     pm = dist.unsharded(pm)  # under FSDP: the main process's full copy, to export

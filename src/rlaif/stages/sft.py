@@ -267,7 +267,8 @@ def run(cfg: RunConfig) -> Path:
                 save_checkpoint,
                 ckpt_root,
                 step,
-                **dist.checkpoint_parts(model, opt, ckpt_root, step),  # every rank takes part
+                # every rank takes part
+                **dist.checkpoint_parts(model, opt, ckpt_root, step, final=step == total),
                 tokenizer=tok,
                 scheduler=sched,
                 state={"fingerprint": fp, "loss": loss_val, "total": total},
