@@ -98,28 +98,44 @@ def save_checkpoint(
     ``move_in``: directories already written (DeepSpeed's per-process optimizer shards) moved
     into the checkpoint under the given names. See :meth:`rlaif.distributed.Dist.checkpoint_parts`.
     """
-    import torch
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        trainer_state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
-        if optimizer_state is not None:
-            trainer_state["optimizer"] = optimizer_state
-        elif optimizer is not None:
-            trainer_state["optimizer"] = optimizer.state_dict()
-        if scheduler is not None:
-            trainer_state["scheduler"] = scheduler.state_dict()
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+        write_trainer_state(tmp, optimizer, optimizer_state, scheduler)
         for name, src in (move_in or {}).items():
             os.replace(src, tmp / name)
         (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
 
     path = atomic_dir(Path(root) / f"step-{step:06d}", build)
+    prune_checkpoints(root, keep)
+    return path
+
+
+def write_trainer_state(
+    directory: Path, optimizer: Any, optimizer_state: dict[str, Any] | None, scheduler: Any
+) -> None:
+    """Write ``directory/trainer_state.pt``: the RNG, the scheduler when given, and the optimizer
+    state — ``optimizer_state`` when given (FSDP's gathered state by parameter name), else
+    ``optimizer.state_dict()``, else none (the last checkpoint of a run, which no run steps on
+    from)."""
+    import torch
+
+    blob: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if optimizer_state is not None:
+        blob["optimizer"] = optimizer_state
+    elif optimizer is not None:
+        blob["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        blob["scheduler"] = scheduler.state_dict()
+    torch.save(blob, directory / "trainer_state.pt")
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints under ``root`` (none when ``keep`` ≤ 0)."""
     for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def load_trainer_state(

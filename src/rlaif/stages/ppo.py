@@ -21,7 +21,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlaif.checkpoint import atomic_dir, latest_checkpoint, list_checkpoints, save_model_dir
+from rlaif.checkpoint import (
+    atomic_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    save_model_dir,
+    write_trainer_state,
+)
 from rlaif.errors import UserError
 from rlaif.manifest import fingerprint, hash_inputs, read_manifest, scrub, write_manifest
 
@@ -195,24 +201,16 @@ def save_ppo_checkpoint(
     ``both['value']``, the optimizer (``optimizer_state`` when given, FSDP's gathered state by
     parameter name, else ``optimizer.state_dict()``; none when both are None), the scheduler and
     ``state.json``."""
-    import torch
     from safetensors.torch import save_file
 
     def build(tmp: Path) -> None:
         save_file(trainable_state(both["policy"]), str(tmp / "policy.safetensors"))
         save_file(trainable_state(both["value"]), str(tmp / "value.safetensors"))
-        blob = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-        if optimizer_state is not None:
-            blob["optimizer"] = optimizer_state
-        elif optimizer is not None:
-            blob["optimizer"] = optimizer.state_dict()
-        torch.save(blob, tmp / "trainer_state.pt")
+        write_trainer_state(tmp, optimizer, optimizer_state, scheduler)
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
 
     path = atomic_dir(Path(root) / f"step-{step:06d}", build)
-    if keep > 0:
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, keep)
     return path
 
 
