@@ -75,3 +75,34 @@ def test_probe_takes_turns_so_a_burst_cannot_decide(monkeypatch: pytest.MonkeyPa
 def test_resolve_device() -> None:
     assert dt.resolve_device("cpu") == "cpu"
     assert dt.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Rank:
+    """A stand-in for :class:`rlaif.distributed.Dist` on one rank: the main rank runs
+    ``on_main``'s function, another rank gets what the main rank broadcast."""
+
+    def __init__(self, main: bool, broadcast: object = None) -> None:
+        self.main, self.broadcast = main, broadcast
+
+    def on_main(self, fn: object) -> object:
+        return fn() if self.main else self.broadcast  # type: ignore[operator]
+
+
+def test_launched_ranks_take_the_main_ranks_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a ``dist``, only the main rank probes; another rank takes its answer even where its
+    own probe would have answered otherwise (ranks sharing cores time differently)."""
+    from rlaif.config import SFTConfig
+    from rlaif.train_common import autocast_dtype
+
+    monkeypatch.setattr(dt, "probe", lambda device="cpu": {"float32": 1.0, "bfloat16": 0.2})
+    cfg = SFTConfig(dtype="auto")
+    assert autocast_dtype(cfg, "cpu", _Rank(main=True)) is torch.bfloat16  # type: ignore[arg-type]
+
+    def fails(device: str = "cpu") -> dict[str, float]:
+        raise AssertionError("a rank other than the main one probed")
+
+    monkeypatch.setattr(dt, "probe", fails)
+    assert autocast_dtype(cfg, "cpu", _Rank(main=False, broadcast=torch.bfloat16)) is torch.bfloat16  # type: ignore[arg-type]
+    assert autocast_dtype(cfg, "cpu", _Rank(main=False, broadcast=None)) is None  # type: ignore[arg-type]
+    # an explicit dtype needs no probe and no broadcast
+    assert autocast_dtype(SFTConfig(dtype="float32"), "cpu", _Rank(main=False, broadcast=1)) is None  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from rlaif.progress import progress
+from rlaif.progress import log_interval, progress
 
 
 class Terminal(io.StringIO):
@@ -85,3 +85,16 @@ def test_nested_bars_in_a_log_write_no_cursor_moves(
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\r" not in err
     assert "revise: 2/2" in err and "generate: 2/2" in err
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "inf", "nan", ""])
+def test_a_bad_interval_is_a_user_error_naming_the_variable(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rlaif.errors import UserError
+
+    monkeypatch.setenv("RLAIF_PROGRESS_S", value)
+    with pytest.raises(UserError, match="RLAIF_PROGRESS_S="):
+        log_interval()
+    monkeypatch.setenv("RLAIF_PROGRESS_S", "0.5")
+    assert log_interval() == 0.5

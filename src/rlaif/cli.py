@@ -165,7 +165,15 @@ def run_stage(cmd: Command, argv: Sequence[str]) -> int:
 
 
 def _setup_logging() -> None:
-    level = os.environ.get("RLAIF_LOG", "INFO").upper()
+    """Logging from ``RLAIF_LOG``; a bad ``RLAIF_LOG`` or ``RLAIF_PROGRESS_S`` is a user error
+    here, before any work, not a traceback or a silent default later."""
+    from rlaif.progress import log_interval
+
+    raw = os.environ.get("RLAIF_LOG", "INFO")
+    level = raw.strip().upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise UserError(f"RLAIF_LOG={raw!r}: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    log_interval()
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -189,13 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"rlaif: error: unknown command '{args[0]}'{hint}; see rlaif --help", file=sys.stderr)
         return 2
-    _setup_logging()
     rest = args[1:]
+    if cmd.section is not None and any(a in ("-h", "--help") for a in rest):
+        print(stage_help(cmd))
+        return 0
     try:
+        _setup_logging()
         if cmd.section is not None:
-            if any(a in ("-h", "--help") for a in rest):
-                print(stage_help(cmd))
-                return 0
             return run_stage(cmd, rest)
         return int(_resolve(cmd.target)(rest) or 0)
     except UserError as exc:

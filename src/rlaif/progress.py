@@ -10,12 +10,15 @@ bar) pass ``leave=False``, so a terminal keeps only the stage's bar once a call 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from tqdm import tqdm
+
+from rlaif.errors import UserError
 
 T = TypeVar("T")
 
@@ -57,9 +60,12 @@ def log_interval() -> float:
     """Seconds between two lines of one bar when stderr is not a terminal."""
     raw = os.environ.get("RLAIF_PROGRESS_S", "60")
     try:
-        return max(0.0, float(raw))
+        every = float(raw)
     except ValueError:
-        return 60.0
+        every = math.nan
+    if not (math.isfinite(every) and every >= 0):
+        raise UserError(f"RLAIF_PROGRESS_S={raw!r}: expected a number of seconds (0 or more)")
+    return every
 
 
 def enabled() -> bool:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from rlaif.config import TrainingConfig
+    from rlaif.distributed import Dist
 
 
 def set_seed(seed: int) -> None:
@@ -90,8 +91,14 @@ def merged_for_saving(model: Any) -> Any:
     return model
 
 
-def autocast_dtype(cfg: TrainingConfig, device: str = "cpu") -> torch.dtype | None:
-    """bf16 for autocast when asked, or when 'auto' and the probe finds bf16 faster; else None."""
+def autocast_dtype(
+    cfg: TrainingConfig, device: str = "cpu", dist: Dist | None = None
+) -> torch.dtype | None:
+    """bf16 for autocast when asked, or when 'auto' and the probe finds bf16 faster; else None.
+
+    ``dist`` (launched runs): the main process probes and every rank takes its answer, so all
+    ranks train in one dtype and the probe's line is logged once (probes on ranks that share
+    cores could each time differently)."""
     import torch
 
     if cfg.dtype == "float32":
@@ -100,7 +107,10 @@ def autocast_dtype(cfg: TrainingConfig, device: str = "cpu") -> torch.dtype | No
         return torch.bfloat16
     from rlaif.backends.dtype import pick_dtype
 
-    return torch.bfloat16 if pick_dtype("auto", device) == torch.bfloat16 else None
+    def probe() -> torch.dtype | None:
+        return torch.bfloat16 if pick_dtype("auto", device) == torch.bfloat16 else None
+
+    return probe() if dist is None else dist.on_main(probe)
 
 
 def autocast(

@@ -238,7 +238,7 @@ def run(cfg: RunConfig) -> Path:
 
     set_seed(cfg.seed)
     policy, ref, tok = _load(cfg, init, device)
-    bf16 = autocast_dtype(dcfg, device) is not None
+    bf16 = autocast_dtype(dcfg, device, dist) is not None
     args = TRLDPOConfig(
         output_dir=str(ckpt_root),
         per_device_train_batch_size=dcfg.batch_size,

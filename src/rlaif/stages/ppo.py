@@ -255,7 +255,7 @@ def run(cfg: RunConfig) -> Path:
     prompts, counts = load_prompt_messages(cfg, red, helpful)
     set_seed(cfg.seed)
     models = load_models(cfg, policy_dir, pm_dir, device)
-    amp = autocast_dtype(pc, device)
+    amp = autocast_dtype(pc, device, dist)
     log.info(
         "ppo: %d prompts %s, %s, autocast %s, device %s, %d process(es)",
         len(prompts),

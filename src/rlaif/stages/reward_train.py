@@ -250,7 +250,7 @@ def train_pm(
         log.info("reward %s: resuming from %s (step %d of %d)", phase, ckpt, start, total)
     resume = step_offset + start if (ckpt is not None or step_offset) else None
     metrics = MetricsLog(metrics_path, resume_step=resume, active=dist.main)
-    amp = autocast_dtype(cfg, device)
+    amp = autocast_dtype(cfg, device, dist)
 
     chosen_ids = pm.encode([_conversations(p)[0] for p in pairs])
     rejected_ids = pm.encode([_conversations(p)[1] for p in pairs])

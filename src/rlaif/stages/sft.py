@@ -201,7 +201,7 @@ def run(cfg: RunConfig) -> Path:
         state = load_trainer_state(ckpt, scheduler=sched, load_optimizer=load_opt)
         start = int(state["step"])
         log.info("sft: resuming from %s (step %d of %d)", ckpt, start, total)
-    amp = autocast_dtype(scfg, device)
+    amp = autocast_dtype(scfg, device, dist)
     log.info(
         "sft: %d examples (%s), %d steps, %s, autocast %s, device %s, %d process(es)",
         len(encoded),
