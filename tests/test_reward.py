@@ -270,3 +270,28 @@ def test_split_passes_give_the_same_gradients(
     assert len(grads[0]) == len(grads[1])
     for g0, g1 in zip(*grads, strict=True):
         assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4)
+
+
+def test_a_comparison_given_twice_is_trained_on_once(
+    tmp_path: Path, fixtures: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """preferences.jsonl already holds the human comparisons that ``rlaif label`` mixed in; the
+    same file named again in reward.human_preferences adds no second copy (ids aside)."""
+    from rlaif.config import load_config
+    from rlaif.stages.reward import finetune_pairs
+
+    human = fixtures / "hh-rlhf-60.jsonl"
+    run = tmp_path / "run"
+    run.mkdir()
+    mixed = [dict(p.to_json(), id=f"x{i}") for i, p in enumerate(load_preferences(human, limit=10))]
+    mixed.append(dict(mixed[0], id="again"))  # twice in one file, under another id
+    (run / "preferences.jsonl").write_text("".join(json.dumps(p) + "\n" for p in mixed))
+    cfg = load_config(
+        None, [f"run_dir={run}", f"reward.human_preferences=[{human}]", "reward.human_limit=20"]
+    )
+    with caplog.at_level("WARNING"):
+        pairs, files = finetune_pairs(cfg)
+    assert len(pairs) == 20  # 11 + 20 read, of which 11 repeat the first 10 human pairs
+    assert [p["id"] for p in pairs[:10]] == [f"x{i}" for i in range(10)]  # the first copy kept
+    assert "11 of 31 comparisons appear more than once" in caplog.text
+    assert set(files) == {"preferences", "human_preferences[0]"}

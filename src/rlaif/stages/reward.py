@@ -81,7 +81,35 @@ def finetune_pairs(cfg: RunConfig) -> tuple[list[Pair], dict[str, str]]:
             f"reward: no comparisons to fine-tune on ({ai} is missing and "
             "reward.human_preferences is empty)"
         )
-    return pairs, files
+    return unique_pairs(pairs), files
+
+
+def unique_pairs(pairs: list[Pair]) -> list[Pair]:
+    """``pairs`` with each comparison (the same prompt, chosen and rejected answers) once, the
+    first kept.
+
+    ``rlaif label`` already mixes human comparisons into preferences.jsonl
+    (``label.helpful_pairs``); naming the same file again in ``reward.human_preferences`` would
+    otherwise train on each of them twice.
+    """
+    from rlaif.store import record_id
+
+    seen: set[str] = set()
+    out: list[Pair] = []
+    for pair in pairs:
+        key = record_id(pair["prompt"], pair["chosen"], pair["rejected"])
+        if key not in seen:
+            seen.add(key)
+            out.append(pair)
+    if len(out) < len(pairs):
+        log.warning(
+            "reward: %d of %d comparisons appear more than once across reward.preferences and "
+            "reward.human_preferences (label.helpful_pairs already mixes human comparisons into "
+            "preferences.jsonl); each is used once",
+            len(pairs) - len(out),
+            len(pairs),
+        )
+    return out
 
 
 def write_pmp_pairs(
