@@ -86,3 +86,75 @@ def test_a_pm_switches_through_its_lm(tiny_model_dir: Path) -> None:
     lm, tok = load_causal_lm(tiny_model_dir)
     pm = PreferenceModel(lm, tok)
     assert use_short_attention(pm) and pm.lm.config._attn_implementation == ATTENTION
+
+
+def test_packing_golden() -> None:
+    """Rows and in-sequence positions of the real tokens, row after row; the causal block."""
+    from rlaif.attention import Packing
+
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]])
+    p = Packing.of(mask)
+    assert p.rows.tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 2]
+    assert p.cols.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0]
+    assert (p.batch, p.width) == (3, 5)
+    assert p.causal.tolist()[1] == [True, True, False, False, False]
+    x = torch.arange(9.0).reshape(1, 1, 9, 1)  # [1, H, N, D]
+    block = p.spread(x)  # [B, H, W, D]
+    assert block[:, 0, :, 0].tolist() == [[0, 1, 2, 0, 0], [3, 4, 5, 6, 7], [8, 0, 0, 0, 0]]
+    assert torch.equal(p.gather(block.transpose(1, 2)), x.transpose(1, 2))
+
+
+def _episodes(vocab: int) -> object:
+    """Three episodes: left-padded prompts of 5, 2 and 3 tokens, answers of 4, 1 and 3."""
+    from rlaif.rl.rollout import Samples
+
+    gen = torch.Generator().manual_seed(1)
+    qm = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 1, 1, 1]])
+    rm = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]])
+    q = torch.randint(3, vocab, qm.shape, generator=gen) * qm
+    r = torch.randint(3, vocab, rm.shape, generator=gen) * rm
+    return Samples(q, qm, r, rm, torch.zeros(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("which", ["policy", "value"])
+def test_packed_forwards_match_padded(tiny_model_dir: Path, which: str) -> None:
+    """PPO's forwards with the real tokens packed into one row give the padded batch's answer
+    log-probs, entropies and values, and the same weight gradients; padding comes back as 0."""
+    from rlaif.attention import packs
+    from rlaif.pm import new_pm
+    from rlaif.stages.ppo_loop import policy_logprobs, value_estimates
+
+    torch.manual_seed(0)
+    if which == "policy":
+        model, _ = load_causal_lm(tiny_model_dir)
+        cfg = model.config
+    else:
+        model = new_pm(tiny_model_dir, seed=0)
+        cfg = model.lm.config
+    model.eval()
+    s = _episodes(cfg.vocab_size)
+    mask = s.response_mask.bool()  # type: ignore[attr-defined]
+
+    def run() -> tuple[torch.Tensor, ...]:
+        model.zero_grad(set_to_none=True)
+        if which == "policy":
+            lp, ent = policy_logprobs(model, s, 0.7, "grad")  # type: ignore[arg-type]
+            outs = (lp, ent)
+        else:
+            outs = (value_estimates(model, s),)  # type: ignore[arg-type]
+        sum((o * mask).square().sum() for o in outs).backward()  # type: ignore[union-attr]
+        grads = tuple(p.grad.clone() for p in model.parameters() if p.grad is not None)
+        return tuple(o.detach() for o in outs) + grads
+
+    assert not packs(model if which == "policy" else model.decoder())
+    want = run()
+    assert use_short_attention(model) and packs(model if which == "policy" else model.decoder())
+    got = run()
+    assert len(got) == len(want) > 2
+    for g, w in zip(got[: 2 if which == "policy" else 1], want, strict=False):
+        torch.testing.assert_close(g * mask, w * mask, rtol=1e-4, atol=1e-5)
+        assert not g[~mask].any()  # padding: zeros
+    for g, w in zip(
+        got[2 if which == "policy" else 1 :], want[2 if which == "policy" else 1 :], strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

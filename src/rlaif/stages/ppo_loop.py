@@ -8,6 +8,8 @@ value function's view of every answer token in one forward pass each; build per-
 ``(seed, step)``, so a resumed run samples the same prompts and answers as an uninterrupted one.
 
 Models stay in eval mode throughout (no dropout), so the first mini-batch's ratio is exactly 1.
+On a CPU (the models run :func:`rlaif.attention.short_attention`) every forward over episodes
+goes packed (:class:`PackedBatch`): the batch's real tokens in one row, no padding.
 
 Data-parallel (a launched :class:`~rlaif.distributed.Dist` with N processes): the step's global
 batch is ``rollout_batch_size * N`` prompts, drawn identically on every rank; each rank samples,
@@ -42,7 +44,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlaif.attention import use_short_attention
+from rlaif.attention import PACKING, Packing, packs, use_short_attention
 from rlaif.backends.base import GenerationParams
 from rlaif.backends.hf import HFLM
 from rlaif.checkpoint import check_finite, latest_checkpoint
@@ -156,38 +158,101 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@dataclass(frozen=True)
+class PackedBatch:
+    """A batch of episodes as one row of its real tokens (see :class:`rlaif.attention.Packing`),
+    and where the answer tokens' predictions sit in it."""
+
+    input_ids: torch.Tensor
+    """``[1, N]``: every real prompt and answer token, row after row."""
+    position_ids: torch.Tensor
+    """``[1, N]``: each token's position in its own sequence."""
+    packing: Packing
+    answers: torch.Tensor
+    """``[B, T]`` bool: the real answer tokens (``response_mask``)."""
+    predictors: torch.Tensor
+    """``[K]``: the packed index of the token before each real answer token (K of them, in
+    row-major order of ``answers``), whose output predicts it."""
+
+    @classmethod
+    def of(cls, s: Samples) -> PackedBatch:
+        am = s.attention_mask.bool()
+        plen = s.query_ids.shape[1]
+        index = am.flatten().cumsum(0).reshape(am.shape) - 1  # packed index of each real token
+        answers = s.response_mask.bool()
+        predictors = index[:, plen - 1 : plen - 1 + answers.shape[1]][answers]
+        return cls(
+            s.input_ids[am][None], _position_ids(am)[am][None], Packing.of(am), answers, predictors
+        )
+
+    def spread(self, per_answer: torch.Tensor) -> torch.Tensor:
+        """``[K]`` -> ``[B, T]``, zero on padding (which every consumer masks out)."""
+        out = per_answer.new_zeros(self.answers.shape)
+        return out.masked_scatter(self.answers, per_answer)
+
+
 def policy_logprobs(
     model: Any, s: Samples, temperature: float, entropy: bool | str = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[B, T]`` log-probs of the answer tokens; logits only on answer positions.
 
     ``entropy``: also return per-token entropies, detached (True) or differentiable ("grad").
+    Where the model runs :func:`rlaif.attention.short_attention`, the batch goes through packed
+    (:class:`PackedBatch`; padding positions come back as zeros).
     """
-    tlen = s.response_ids.shape[1]
-    am = s.attention_mask
-    out = model(
-        input_ids=s.input_ids,
-        attention_mask=am,
-        position_ids=_position_ids(am),
-        use_cache=False,
-        logits_to_keep=tlen + 1,
-    )
-    lp, ent = token_logprobs_and_entropy(out.logits, s.response_ids, temperature)
+    if packs(model):
+        p = PackedBatch.of(s)
+        out = model(
+            input_ids=p.input_ids,
+            position_ids=p.position_ids,
+            use_cache=False,
+            logits_to_keep=p.predictors,
+            **{PACKING: p.packing},
+        )
+        tokens = s.response_ids[p.answers][None]
+        lp, ent = token_logprobs_and_entropy(out.logits, tokens, temperature)
+        lp, ent = p.spread(lp[0]), p.spread(ent[0])
+    else:
+        am = s.attention_mask
+        out = model(
+            input_ids=s.input_ids,
+            attention_mask=am,
+            position_ids=_position_ids(am),
+            use_cache=False,
+            logits_to_keep=s.response_ids.shape[1] + 1,
+        )
+        lp, ent = token_logprobs_and_entropy(out.logits, s.response_ids, temperature)
     if entropy == "grad":
         return lp, ent
     return lp, (ent.detach() if entropy else None)
 
 
 def value_estimates(value: Any, s: Samples) -> torch.Tensor:
-    """``[B, T]``: V(prefix before answer token t), the head read on the decoder's hidden states."""
-    plen, tlen = s.query_ids.shape[1], s.response_ids.shape[1]
-    am = s.attention_mask
-    out = value.decoder()(
-        input_ids=s.input_ids, attention_mask=am, position_ids=_position_ids(am), use_cache=False
-    )
-    hidden = out.last_hidden_state[:, plen - 1 : plen + tlen - 1]
+    """``[B, T]``: V(prefix before answer token t), the head read on the decoder's hidden states
+    (packed as in :func:`policy_logprobs` where the model allows; padding positions then 0)."""
+    decoder = value.decoder()
+    packed = PackedBatch.of(s) if packs(decoder) else None
+    if packed is not None:
+        out = decoder(
+            input_ids=packed.input_ids,
+            position_ids=packed.position_ids,
+            use_cache=False,
+            **{PACKING: packed.packing},
+        )
+        hidden = out.last_hidden_state[0, packed.predictors]
+    else:
+        plen, tlen = s.query_ids.shape[1], s.response_ids.shape[1]
+        am = s.attention_mask
+        out = decoder(
+            input_ids=s.input_ids,
+            attention_mask=am,
+            position_ids=_position_ids(am),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state[:, plen - 1 : plen + tlen - 1]
     with torch.autocast(device_type=hidden.device.type, enabled=False):  # as the PM: head in fp32
-        return value.head(hidden.float()).squeeze(-1)  # type: ignore[no-any-return]
+        v = value.head(hidden.float()).squeeze(-1)
+    return v if packed is None else packed.spread(v)  # type: ignore[no-any-return]
 
 
 def policy_and_value(
