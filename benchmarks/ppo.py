@@ -311,6 +311,12 @@ def main() -> int:
     )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--skip-trl", action="store_true", help="measure ours only")
+    p.add_argument(
+        "--trl-first",
+        action="store_true",
+        help="run TRL before ours (on a VM where first touches of memory cost unevenly, the "
+        "side that runs later can find its memory cheaper)",
+    )
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -332,6 +338,16 @@ def main() -> int:
         work = Path(tmp)
         info = prepare(work, model_dir, a.episodes)
         runs: dict[str, dict[str, Any]] = {}
+        trl: dict[str, Any] | None = None
+
+        def run_trl() -> dict[str, Any]:
+            a.dtype = "float32"
+            out = run_child(str(ensure_trl_venv()), "trl", work, model_dir, a)
+            print(f"trl: {json.dumps(out)}", flush=True)
+            return out
+
+        if a.trl_first and not a.skip_trl:
+            trl = run_trl()
         ours_dtypes = [d for d in a.ours_dtypes.split(",") if d]
         for dt in ours_dtypes:
             if dt == "auto" and _auto_is_fp32() and "float32" in ours_dtypes:
@@ -340,11 +356,8 @@ def main() -> int:
             a.dtype = dt
             runs[dt] = run_child(sys.executable, "ours", work, model_dir, a)
             print(f"ours {dt}: {json.dumps(runs[dt])}", flush=True)
-        a.dtype = "float32"
-        trl: dict[str, Any] | None = None
-        if not a.skip_trl:
-            trl = run_child(str(ensure_trl_venv()), "trl", work, model_dir, a)
-            print(f"trl: {json.dumps(trl)}", flush=True)
+        if trl is None and not a.skip_trl:
+            trl = run_trl()
     figures: dict[str, Any] = {}
     for dt, ours in runs.items():
         sfx = "" if dt == "float32" else f"_{dt}"
