@@ -95,7 +95,8 @@ def short_attention(
     """transformers' attention-function signature; ``[B, Lq, H, D]`` out, no weights returned.
 
     With a :class:`Packing` under the ``PACKING`` keyword, the batch is one packed row: its
-    sequences attend each within itself (:func:`_packed_attention`)."""
+    sequences attend each within itself (:func:`_packed_attention`), and ``attention_mask`` is
+    not read."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     packing = kwargs.pop(PACKING, None)
@@ -147,7 +148,9 @@ def _packed_attention(
     from transformers.integrations.sdpa_attention import repeat_kv
 
     groups = query.shape[1] // key.shape[1]
-    q, k, v = (packing.spread(x) for x in (query, key, value))  # keys and values before GQA's copies
+    q, k, v = (
+        packing.spread(x) for x in (query, key, value)
+    )  # keys and values before GQA's copies
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     b, h, w, d = q.shape
     scale = scaling if scaling else d**-0.5

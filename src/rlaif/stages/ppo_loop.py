@@ -185,6 +185,21 @@ class PackedBatch:
             s.input_ids[am][None], _position_ids(am)[am][None], Packing.of(am), answers, predictors
         )
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """The packed row's keyword arguments for a transformers model's forward.
+
+        The attention mask given is the packing's small ``[1, 1, W, W]`` causal block, which the
+        model passes through as it is (a 4-D mask counts as prepared) and the packed attention
+        does not read: without it, transformers would build a ``[N, N]`` mask over the whole
+        packed row (a gigabyte at N = 32k)."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": self.packing.causal[None, None],
+            "use_cache": False,
+            PACKING: self.packing,
+        }
+
     def spread(self, per_answer: torch.Tensor) -> torch.Tensor:
         """``[K]`` -> ``[B, T]``, zero on padding (which every consumer masks out)."""
         out = per_answer.new_zeros(self.answers.shape)
@@ -202,13 +217,7 @@ def policy_logprobs(
     """
     if packs(model):
         p = PackedBatch.of(s)
-        out = model(
-            input_ids=p.input_ids,
-            position_ids=p.position_ids,
-            use_cache=False,
-            logits_to_keep=p.predictors,
-            **{PACKING: p.packing},
-        )
+        out = model(logits_to_keep=p.predictors, **p.model_kwargs())
         tokens = s.response_ids[p.answers][None]
         lp, ent = token_logprobs_and_entropy(out.logits, tokens, temperature)
         lp, ent = p.spread(lp[0]), p.spread(ent[0])
@@ -233,12 +242,7 @@ def value_estimates(value: Any, s: Samples) -> torch.Tensor:
     decoder = value.decoder()
     packed = PackedBatch.of(s) if packs(decoder) else None
     if packed is not None:
-        out = decoder(
-            input_ids=packed.input_ids,
-            position_ids=packed.position_ids,
-            use_cache=False,
-            **{PACKING: packed.packing},
-        )
+        out = decoder(**packed.model_kwargs())
         hidden = out.last_hidden_state[0, packed.predictors]
     else:
         plen, tlen = s.query_ids.shape[1], s.response_ids.shape[1]
