@@ -158,6 +158,17 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _padded_kwargs(s: Samples) -> dict[str, Any]:
+    """The padded batch's keyword arguments for a transformers model's forward."""
+    am = s.attention_mask
+    return {
+        "input_ids": s.input_ids,
+        "attention_mask": am,
+        "position_ids": _position_ids(am),
+        "use_cache": False,
+    }
+
+
 @dataclass(frozen=True)
 class PackedBatch:
     """A batch of episodes as one row of its real tokens (see :class:`rlaif.attention.Packing`),
@@ -222,14 +233,7 @@ def policy_logprobs(
         lp, ent = token_logprobs_and_entropy(out.logits, tokens, temperature)
         lp, ent = p.spread(lp[0]), p.spread(ent[0])
     else:
-        am = s.attention_mask
-        out = model(
-            input_ids=s.input_ids,
-            attention_mask=am,
-            position_ids=_position_ids(am),
-            use_cache=False,
-            logits_to_keep=s.response_ids.shape[1] + 1,
-        )
+        out = model(logits_to_keep=s.response_ids.shape[1] + 1, **_padded_kwargs(s))
         lp, ent = token_logprobs_and_entropy(out.logits, s.response_ids, temperature)
     if entropy == "grad":
         return lp, ent
@@ -246,13 +250,7 @@ def value_estimates(value: Any, s: Samples) -> torch.Tensor:
         hidden = out.last_hidden_state[0, packed.predictors]
     else:
         plen, tlen = s.query_ids.shape[1], s.response_ids.shape[1]
-        am = s.attention_mask
-        out = decoder(
-            input_ids=s.input_ids,
-            attention_mask=am,
-            position_ids=_position_ids(am),
-            use_cache=False,
-        )
+        out = decoder(**_padded_kwargs(s))
         hidden = out.last_hidden_state[:, plen - 1 : plen + tlen - 1]
     with torch.autocast(device_type=hidden.device.type, enabled=False):  # as the PM: head in fp32
         v = value.head(hidden.float()).squeeze(-1)
