@@ -116,54 +116,89 @@ def _episodes(vocab: int) -> object:
     return Samples(q, qm, r, rm, torch.zeros(3, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("which", ["policy", "value"])
-def test_packed_forwards_match_padded(tiny_model_dir: Path, which: str) -> None:
+def _mistral_with_window(vocab: int) -> torch.nn.Module:
+    """A tiny random Mistral whose layers attend over a sliding window of 3 positions."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=3,
+    )  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    return MistralForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("case", ["policy", "value", "sdpa-branch", "widened", "window"])
+def test_packed_forwards_match_padded(
+    tiny_model_dir: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """PPO's forwards with the real tokens packed into one row give the padded batch's answer
-    log-probs, entropies and values, and the same weight gradients; padding comes back as 0."""
+    log-probs, entropies and values, and the same weight gradients; padding comes back as 0.
+
+    Cases: the policy and the value function (a PM) on the plain attention branch; the policy
+    on the sdpa branch (what long inputs take); a batch widened by ``Samples.padded`` (extra
+    left and right padding columns); a model with a sliding window shorter than the sequences.
+    """
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     from rlaif.attention import packs
     from rlaif.pm import new_pm
     from rlaif.stages.ppo_loop import policy_logprobs, value_estimates
 
     torch.manual_seed(0)
-    if which == "policy":
-        model, _ = load_causal_lm(tiny_model_dir)
-        cfg = model.config
+    value = case == "value"
+    if value:
+        model: torch.nn.Module = new_pm(tiny_model_dir, seed=0)
+        vocab = model.lm.config.vocab_size  # type: ignore[union-attr]
     else:
-        model = new_pm(tiny_model_dir, seed=0)
-        cfg = model.lm.config
+        model, _ = load_causal_lm(tiny_model_dir)
+        vocab = model.config.vocab_size  # type: ignore[union-attr]
+    if case == "window":
+        model = _mistral_with_window(vocab)
+    if case == "sdpa-branch":
+        monkeypatch.setattr(attention, "EAGER_MAX_SCORES", 0)
     model.eval()
-    s = _episodes(cfg.vocab_size)
+    s = _episodes(vocab)
+    if case == "widened":
+        s = s.padded(s.query_ids.shape[1] + 2, s.response_ids.shape[1] + 3, 0)  # type: ignore[attr-defined]
     mask = s.response_mask.bool()  # type: ignore[attr-defined]
+    outer = model.decoder() if value else model  # type: ignore[operator]
 
-    def run() -> tuple[torch.Tensor, ...]:
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
-        if which == "policy":
-            lp, ent = policy_logprobs(model, s, 0.7, "grad")  # type: ignore[arg-type]
-            outs = (lp, ent)
+        if value:
+            outs = [value_estimates(model, s)]  # type: ignore[arg-type]
         else:
-            outs = (value_estimates(model, s),)  # type: ignore[arg-type]
+            lp, ent = policy_logprobs(model, s, 0.7, "grad")  # type: ignore[arg-type]
+            outs = [lp, ent]  # type: ignore[list-item]
         sum((o * mask).square().sum() for o in outs).backward()  # type: ignore[union-attr]
-        grads = tuple(p.grad.clone() for p in model.parameters() if p.grad is not None)
-        return tuple(o.detach() for o in outs) + grads
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return [o.detach() for o in outs], grads
 
-    assert not packs(model if which == "policy" else model.decoder())
-    want = run()
-    assert use_short_attention(model) and packs(model if which == "policy" else model.decoder())
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    assert not packs(outer)
+    want_outs, want_grads = run()
+    assert use_short_attention(model) and packs(outer)
 
     def no_mask(*a: object, **k: object) -> None:
         raise AssertionError("transformers built a mask over the packed row")
 
-    AttentionMaskInterface.register(ATTENTION, no_mask)
+    AttentionMaskInterface.register(ATTENTION, no_mask)  # causal and sliding-window masks alike
     try:
-        got = run()
+        got_outs, got_grads = run()
     finally:
         AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    assert len(got) == len(want) > 2
-    for g, w in zip(got[: 2 if which == "policy" else 1], want, strict=False):
+    assert len(got_grads) == len(want_grads) > 2
+    for g, w in zip(got_outs, want_outs, strict=True):
         torch.testing.assert_close(g * mask, w * mask, rtol=1e-4, atol=1e-5)
         assert not g[~mask].any()  # padding: zeros
-    for g, w in zip(
-        got[2 if which == "policy" else 1 :], want[2 if which == "policy" else 1 :], strict=True
-    ):
+    for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_packing_needs_prompts_that_end_in_the_last_column() -> None:
+    from rlaif.stages.ppo_loop import PackedBatch
+
+    s = _episodes(50)
+    s.query_mask[1] = torch.tensor([0, 1, 1, 1, 0])  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="last prompt column"):
+        PackedBatch.of(s)  # type: ignore[arg-type]

@@ -285,13 +285,15 @@ def test_a_comparison_given_twice_is_trained_on_once(
     run.mkdir()
     mixed = [dict(p.to_json(), id=f"x{i}") for i, p in enumerate(load_preferences(human, limit=10))]
     mixed.append(dict(mixed[0], id="again"))  # twice in one file, under another id
+    mixed.append(dict(mixed[1], id="relabelled", p_chosen=0.6))  # same texts, another label: kept
     (run / "preferences.jsonl").write_text("".join(json.dumps(p) + "\n" for p in mixed))
     cfg = load_config(
         None, [f"run_dir={run}", f"reward.human_preferences=[{human}]", "reward.human_limit=20"]
     )
     with caplog.at_level("WARNING"):
         pairs, files = finetune_pairs(cfg)
-    assert len(pairs) == 20  # 11 + 20 read, of which 11 repeat the first 10 human pairs
+    assert len(pairs) == 21  # 12 + 20 read, of which 11 repeat the first 10 human pairs
     assert [p["id"] for p in pairs[:10]] == [f"x{i}" for i in range(10)]  # the first copy kept
-    assert "11 of 31 comparisons appear more than once" in caplog.text
+    assert pairs[10]["id"] == "relabelled"
+    assert "11 of 32 comparisons appear more than once" in caplog.text
     assert set(files) == {"preferences", "human_preferences[0]"}

@@ -101,7 +101,8 @@ def short_attention(
 
     packing = kwargs.pop(PACKING, None)
     if packing is not None:
-        return _packed_attention(module, query, key, value, packing, dropout, scaling)
+        window = kwargs.get("sliding_window")
+        return _packed_attention(module, query, key, value, packing, dropout, scaling, window)
     b, h, lq, d = query.shape
     lk = key.shape[-2]
     plain = (
@@ -138,12 +139,16 @@ def _packed_attention(
     packing: Packing,
     dropout: float,
     scaling: float | None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention of each sequence of a packed row within itself: ``[1, N, H, D]`` out.
 
     The packed ``[1, H, N, D]`` inputs go back to a right-padded block, where the causal mask
     keeps every real query on its own sequence's keys (padding comes after them); the padded
-    queries' outputs are dropped on the way back, so they get no gradient.
+    queries' outputs are dropped on the way back, so they get no gradient. ``window``: the
+    layer's sliding window (transformers passes ``sliding_window`` to the attention function),
+    a query then seeing only the last ``window`` positions, itself included, as transformers'
+    own masks do.
     """
     from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -154,14 +159,18 @@ def _packed_attention(
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     b, h, w, d = q.shape
     scale = scaling if scaling else d**-0.5
+    allowed = packing.causal
+    if window and window < w:
+        allowed = allowed & torch.ones_like(allowed).triu(1 - window)
     if b * h * w * w > EAGER_MAX_SCORES or (dropout and module.training):
         drop = dropout if module.training else 0.0
+        band = allowed if allowed is not packing.causal else None
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=drop, is_causal=True, scale=scale
+            q, k, v, attn_mask=band, dropout_p=drop, is_causal=band is None, scale=scale
         )
     else:
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~packing.causal, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         out = torch.matmul(probs, v)
     return packing.gather(out.transpose(1, 2)), None

@@ -187,6 +187,8 @@ class PackedBatch:
 
     @classmethod
     def of(cls, s: Samples) -> PackedBatch:
+        if not bool(s.query_mask[:, -1].all()):  # the first answer token's predictor
+            raise ValueError("every prompt must end in the last prompt column (left padding)")
         am = s.attention_mask.bool()
         plen = s.query_ids.shape[1]
         index = am.flatten().cumsum(0).reshape(am.shape) - 1  # packed index of each real token

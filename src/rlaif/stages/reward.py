@@ -85,8 +85,8 @@ def finetune_pairs(cfg: RunConfig) -> tuple[list[Pair], dict[str, str]]:
 
 
 def unique_pairs(pairs: list[Pair]) -> list[Pair]:
-    """``pairs`` with each comparison (the same prompt, chosen and rejected answers) once, the
-    first kept.
+    """``pairs`` with each comparison (the same prompt, chosen and rejected answers and label)
+    once, the first kept. Two labels of the same texts (an AI label and a human one) both stay.
 
     ``rlaif label`` already mixes human comparisons into preferences.jsonl
     (``label.helpful_pairs``); naming the same file again in ``reward.human_preferences`` would
@@ -97,7 +97,7 @@ def unique_pairs(pairs: list[Pair]) -> list[Pair]:
     seen: set[str] = set()
     out: list[Pair] = []
     for pair in pairs:
-        key = record_id(pair["prompt"], pair["chosen"], pair["rejected"])
+        key = record_id(pair["prompt"], pair["chosen"], pair["rejected"], pair["p_chosen"])
         if key not in seen:
             seen.add(key)
             out.append(pair)
