@@ -160,3 +160,36 @@ def test_records_file_follows_the_settings(tmp_path: Path, tiny_model_dir: Path)
             None, ["constitution=paper", f"feedback_model={tiny_model_dir}", change]
         )
         assert ev.default_records(other, lm) != path, change
+
+
+def test_offset_judges_a_later_slice_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``offset=10 limit=5`` judges pairs 11-15 of the file: the figures of those five pairs."""
+    from rlaif import backends
+    from tests.fake_lm import options_of
+
+    def prefers_short(prompt: str, choices: object) -> list[float]:
+        if list(choices) == [" Yes", " No"]:  # type: ignore[call-overload]
+            return [0.3, 0.7] if len(prompt) % 3 else [0.6, 0.4]
+        a, b = (len(t) for t in options_of(prompt))
+        return [b / (a + b), a / (a + b)]
+
+    monkeypatch.setattr(backends, "make_lm", lambda ref, backend: FakeLM(prefers_short))
+    out = tmp_path / "res.json"
+    args = ["eval-labeler", str(HH), "offset=10", "limit=5", "constitution=paper"]
+    assert main([*args, f"records={tmp_path / 'r.jsonl'}", f"out={out}"]) == 0
+    got = json.loads(out.read_text())
+    cfg = load_config(None, ["constitution=paper"])
+    methods = ev.DEFAULT_METHODS
+    want = ev.evaluate(
+        FakeLM(prefers_short), cfg, load_preferences(HH, limit=15)[10:], methods, False
+    )
+    assert got["n"] == 5 and got["offset"] == 10
+    assert {k: got[k] for k in want} == json.loads(json.dumps(want))
+    first = ev.evaluate(FakeLM(prefers_short), cfg, load_preferences(HH, limit=5), methods, False)
+    assert first != want  # another slice, other figures
+    assert ev.select_pairs(HH, 58, 0) == load_preferences(HH)[58:]  # no limit: to the end
+    capsys.readouterr()
+    assert main(["eval-labeler", str(HH), "offset=60", "constitution=paper"]) == 2
+    assert "offset=60" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``rlaif eval-labeler FILE [model=REF] [limit=N] [key=value ...]``: the AI labeller vs human labels.
+"""``rlaif eval-labeler FILE [model=REF] [offset=N] [limit=N] [key=value ...]``: the AI labeller vs human labels.
 
 For each human pair of ``FILE`` (hh-rlhf format or ours) the feedback model judges chosen vs
 rejected; a label is P(human-chosen answer better), so accuracy is the share above 0.5. Methods:
@@ -9,7 +9,8 @@ rejected; a label is P(human-chosen answer better), so accuracy is the share abo
 
 Also: calibration (ECE), position bias (mean P(A), share of pairs whose verdict flips with the
 order) and, with ``injection=true``, the prompt-injection flip rate without and with ``delimit``.
-Options: ``model``, ``limit``, ``seed``, ``methods=single,dual,ensemble,pointwise[,cot]``,
+Options: ``model``, ``offset`` (pairs of FILE skipped first, e.g. those a PM or the labeller's
+few-shot examples came from), ``limit``, ``seed``, ``methods=single,dual,ensemble,pointwise[,cot]``,
 ``injection=true``, ``config=RUN.yaml``, ``out=FILE.json``, ``records=FILE.jsonl``; any other
 ``key.sub=value`` is a run config override (e.g. ``label.principles=4``, ``label.few_shot=2``,
 ``backend.dtype=float32``).
@@ -58,7 +59,9 @@ def inject_options(answer: str, label: str, other: str) -> str:
 
 def parse_args(argv: Sequence[str]) -> tuple[Path, dict[str, str], list[str]]:
     """FILE, this command's own options, and run-config overrides."""
-    own_keys = {"model", "limit", "seed", "methods", "injection", "config", "out", "records"}
+    own_keys = {
+        "model", "offset", "limit", "seed", "methods", "injection", "config", "out", "records"
+    }  # fmt: skip
     path: Path | None = None
     own: dict[str, str] = {}
     overrides: list[str] = []
@@ -89,6 +92,14 @@ def _int(own: dict[str, str], key: str, default: int) -> int:
     if value < 0:
         raise UserError(f"{key}: must be >= 0, got {value}")
     return value
+
+
+def select_pairs(path: Path, offset: int, limit: int) -> list[Preference]:
+    """Pairs ``offset`` to ``offset + limit`` of ``path``, in file order (``limit`` 0: to the end)."""
+    prefs = load_preferences(path, limit=offset + limit if limit else 0)[offset:]
+    if not prefs:
+        raise UserError(f"offset={offset}: {path} holds no pairs after the first {offset}")
+    return prefs
 
 
 def _methods(text: str | None) -> tuple[str, ...]:
@@ -283,7 +294,8 @@ def main(argv: Sequence[str]) -> int:
     cfg = load_config(own.get("config"), overrides)
     methods = _methods(own.get("methods"))
     injection = own.get("injection", "false").lower() in ("1", "true", "yes", "on")
-    prefs = load_preferences(path, limit=_int(own, "limit", 0))
+    offset = _int(own, "offset", 0)
+    prefs = select_pairs(path, offset, _int(own, "limit", 0))
     from rlaif.backends import make_lm
 
     lm = make_lm(cfg.feedback_model_ref, cfg.backend)
@@ -297,6 +309,7 @@ def main(argv: Sequence[str]) -> int:
     res.update(
         records=str(records),
         file=str(path),
+        offset=offset,
         feedback_model=cfg.feedback_model_ref,
         seed=cfg.seed,
         principles=cfg.label.principles,
