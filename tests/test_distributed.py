@@ -533,7 +533,9 @@ def test_unsupported_sharding_is_refused_in_one_line(
 ) -> None:
     """`ppo` does not run under DeepSpeed; `dpo`'s trainer shards with FSDP on GPUs only
     (accelerate would quietly fall back to DDP on CPUs): both stop at the start with one line
-    saying so, on every process."""
+    saying so. Every process reaches that line, but the launcher stops the others (SIGTERM) as
+    soon as the first one exits, so a process a moment behind may never write it (seen in 1 of
+    3 runs on 2 cores): at least one line, at most one per process."""
     from rlaif.pm import new_pm
     from tests.test_dpo import dpo_args, write_preferences
 
@@ -556,6 +558,6 @@ def test_unsupported_sharding_is_refused_in_one_line(
             timeout=600, cwd=ROOT,
         )  # fmt: skip
         assert res.returncode != 0
-        # one line from each process (their writes may land on one line of the shared stderr)
-        assert res.stderr.count(f"error: {message}") == 2, res.stderr[-3000:]
+        # one line per process that got there (writes may share a line of the shared stderr)
+        assert 1 <= res.stderr.count(f"error: {message}") <= 2, res.stderr[-3000:]
         assert not (tmp_path / "p" / "checkpoints").exists()
