@@ -113,22 +113,29 @@ def short_attention(
         and attention_mask is not None  # without one, sdpa runs its causal kernel
         and attention_mask.dim() == 4
     )
-    if not plain:
+    if not plain or attention_mask is None:  # (plain has a mask; this tells mypy)
         return sdpa_attention_forward(  # type: ignore[no-any-return]
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = h // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling else d**-0.5)
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, :lk]
-        if mask.dtype == torch.bool:
-            # a fully masked row (a left-padding query) gets finite weights, not NaN
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
+    out = _plain_attention(query, key, value, scaling or d**-0.5, attention_mask[:, :, :, :lk])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _plain_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v``, ``[B, H, Lq, D]``; ``mask`` boolean (True = attend)
+    or additive, broadcast over the scores."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if mask.dtype == torch.bool:
+        # a fully masked row (a left-padding query) gets finite weights, not NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    return torch.matmul(probs, value)
 
 
 def _packed_attention(
@@ -169,10 +176,7 @@ def _packed_attention(
             q, k, v, attn_mask=band, dropout_p=drop, is_causal=band is None, scale=scale
         )
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-        out = torch.matmul(probs, v)
+        out = _plain_attention(q, k, v, scale, allowed)
     return packing.gather(out.transpose(1, 2)), None
 
 
