@@ -71,7 +71,8 @@ def select_next(
     """Next token per row of ``logits`` ``(n, vocab)``: argmax, or temperature + nucleus sampling.
 
     Row ``k`` samples with ``generators[rows[k]]``, so a request's draws do not depend on which
-    other requests share its batch or when they finished.
+    other requests share its batch or when they finished. A row takes one uniform draw and
+    inverts its distribution's cumulative sum (:func:`inverse_cdf`).
     """
     import torch
 
@@ -79,12 +80,50 @@ def select_next(
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    out = [torch.multinomial(probs[k], 1, generator=generators[row]) for k, row in enumerate(rows)]
-    return torch.cat(out)
+        probs = nucleus(probs, top_p)
+    u = [torch.rand((), dtype=torch.float64, generator=generators[row]) for row in rows]
+    return inverse_cdf(probs, torch.stack(u).to(probs.device))
+
+
+def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 256) -> torch.Tensor:
+    """``probs`` ``(n, vocab)`` (rows summing to 1) with every token outside each row's nucleus
+    set to 0: a token stays while the mass of the more likely tokens before it is at most ``top_p``.
+
+    The largest ``k`` probabilities are sorted, not the whole vocabulary: ``k`` starts at
+    ``first_k`` and grows fourfold until every row's top ``k`` hold more than ``top_p`` (then no
+    token past them can stay). A full sort of a 49k vocabulary takes 17 ms for 8 rows on a
+    2-core EPYC, the top 256 1 ms.
+    """
+    import torch
+
+    vocab = probs.shape[-1]
+    k = min(first_k, vocab)
+    while True:
+        top, order = probs.topk(k, dim=-1)
+        if k == vocab or bool((top.sum(-1) > top_p).all()):
+            break
+        k = min(4 * k, vocab)
+    drop = top.cumsum(-1) - top > top_p
+    return torch.zeros_like(probs).scatter(-1, order, top.masked_fill(drop, 0.0))
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs`` ``(n, vocab)`` (non-negative, not necessarily normalised), the index
+    whose cumulative-sum interval holds ``u * total`` (``u`` ``(n,)`` uniform in [0, 1)): a draw
+    from the row's distribution. A zero-probability index is never returned.
+
+    One uniform per row and a cumulative sum replace ``torch.multinomial``, whose CPU kernel
+    draws an exponential for every vocabulary entry: 1.1 ms a row for a 49k vocabulary on a
+    2-core EPYC, against about 0.1 ms here.
+    """
+    import torch
+
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:].contiguous()
+    idx = torch.searchsorted(cdf, u[:, None] * total, right=True)
+    # u * total can round up to total, past the end: the last index with mass is the answer then
+    last = torch.searchsorted(cdf, total)
+    return torch.minimum(idx, last).squeeze(1)
 
 
 @functools.cache
