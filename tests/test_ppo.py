@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from rlaif.attention import use_short_attention
 from rlaif.checkpoint import list_checkpoints
 from rlaif.config import PPOConfig
 from rlaif.errors import TrainingDiverged
@@ -338,13 +339,32 @@ def small_rollout(m: Any, pc: PPOConfig, ragged: bool = False) -> Any:
 
 
 def test_row_chunks_cut_by_the_token_budget() -> None:
-    assert ppo_loop.row_chunks(8, 150, 0) == [(0, 8)]  # 0: no budget
-    assert ppo_loop.row_chunks(8, 150, 1200) == [(0, 8)]  # fits exactly
-    assert ppo_loop.row_chunks(8, 150, 512) == [(0, 3), (3, 5), (5, 8)]  # 3 rows fit: 3 chunks
-    assert ppo_loop.row_chunks(3, 900, 512) == [(0, 1), (1, 2), (2, 3)]  # one row at least
+    rc = ppo_loop.row_chunks
+    assert rc([150] * 8, 0) == [(0, 8)]  # 0: no budget
+    assert rc([150] * 8, 1200) == [(0, 8)]  # fits exactly
+    assert rc([150] * 8, 512) == [(0, 3), (3, 5), (5, 8)]  # 1200 tokens: 3 chunks of <= 512
+    assert rc([900] * 3, 512) == [(0, 1), (1, 2), (2, 3)]  # one row at least
+    # rows of different lengths (packed): 1000 tokens in two chunks of 500, cut after row 1
+    assert rc([100, 400, 50, 50, 300, 100], 512) == [(0, 2), (2, 6)]
+    # the same rows padded to 400: five chunks would put two rows (800) together, so six
+    assert rc([400] * 6, 512) == [(r, r + 1) for r in range(6)]
+    assert rc([700], 512) == [(0, 1)]
 
 
-def test_update_in_row_chunks_equals_whole_micro_batches(tiny_model_dir: Path) -> None:
+def test_row_tokens_count_real_tokens_where_packed() -> None:
+    from rlaif.rl.rollout import Samples
+
+    qm = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    rm = torch.tensor([[1, 0], [1, 1]])
+    s = Samples(qm, qm, rm, rm, torch.zeros(2, dtype=torch.bool))
+    assert ppo_loop.row_tokens(s, packed=True) == [3, 5]
+    assert ppo_loop.row_tokens(s, packed=False) == [5, 5]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_update_in_row_chunks_equals_whole_micro_batches(
+    tiny_model_dir: Path, packed: bool
+) -> None:
     """update_tokens cuts a micro-batch into row chunks whose losses add up to the micro-batch's
     means: the same statistics, gradient norms and parameters as whole micro-batches."""
     from rlaif.train_common import build_optimizer
@@ -353,9 +373,14 @@ def test_update_in_row_chunks_equals_whole_micro_batches(tiny_model_dir: Path) -
     pc = replace(SMALL, entropy_coef=0.01, max_grad_norm=0.05)
     ro = small_rollout(m, pc, ragged=True)
     assert len(set(ro.mask.sum(1).tolist())) > 2
-    width = ro.samples.input_ids.shape[1]
+    if packed:
+        use_short_attention(m.policy)
+        use_short_attention(m.value)
+    # one row per chunk: the widest row's tokens (real ones where packed)
+    widest = max(ppo_loop.row_tokens(ro.samples, packed))
+    assert len(ppo_loop.row_chunks(ppo_loop.row_tokens(ro.samples, packed), widest)) > 1
     results = []
-    for budget in (0, width):  # whole micro-batch of 4 rows; one row per chunk
+    for budget in (0, widest):  # whole micro-batch of 4 rows; row chunks
         mc = replace(m, policy=copy.deepcopy(m.policy), value=copy.deepcopy(m.value))
         both = torch.nn.ModuleDict({"policy": mc.policy, "value": mc.value})
         opt, _ = build_optimizer(both, pc, 10)

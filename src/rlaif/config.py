@@ -300,10 +300,11 @@ class PPOConfig(TrainingConfig):
     pm_batch_size: int = 16
     """Conversations per PM forward batch when scoring rollouts."""
     update_tokens: int = 512
-    """Most padded tokens (rows x width) in one forward + backward of the update, in one process:
-    a larger micro-batch runs in row chunks whose losses add up to its own, so the gradients are
-    the same and fewer activations are held at once; 0: whole micro-batches. A launched run
-    (DDP, FSDP) passes whole micro-batches."""
+    """Most tokens in one forward + backward of the update, in one process (real tokens where the
+    batch goes through packed, on a CPU; else rows x padded width): a larger micro-batch runs in
+    row chunks whose losses add up to its own, so the gradients are the same and fewer
+    activations are held at once; 0: whole micro-batches. A launched run (DDP, FSDP) passes
+    whole micro-batches."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep under run_dir/checkpoints/ppo."""
 

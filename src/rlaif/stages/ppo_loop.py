@@ -388,14 +388,32 @@ def _stats(p: dict[str, Any], v: dict[str, Any]) -> tuple[Any, ...]:
     return (loss, p["pg"], v["vf"], p["ent"], p["approx_kl"], p["clipfrac"], v["vf_clipfrac"])
 
 
-def row_chunks(rows: int, width: int, budget: int) -> list[tuple[int, int]]:
-    """``[start, end)`` row ranges of at most ``budget`` padded tokens (``rows x width``) each, as
-    equal as possible; one row at least; ``budget <= 0``: one range."""
-    if budget <= 0 or rows * width <= budget:
+def row_chunks(tokens: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of consecutive rows holding at most ``budget`` tokens each
+    (``tokens[i]``: row ``i``'s), as few as that allows and as even in tokens as the rows allow;
+    a row over the budget alone; ``budget <= 0``: one range."""
+    rows, total = len(tokens), sum(tokens)
+    if budget <= 0 or total <= budget:
         return [(0, rows)]
-    n = math.ceil(rows / max(1, budget // max(1, width)))
-    edges = [round(k * rows / n) for k in range(n + 1)]
-    return list(itertools.pairwise(edges))
+    cum = list(itertools.accumulate(tokens))
+    for n in range(math.ceil(total / budget), rows + 1):
+        # cut after the row whose running total is nearest each k/n of the whole
+        cuts = [
+            min(range(rows - 1), key=lambda r: abs(cum[r] - k * total / n)) + 1 for k in range(1, n)
+        ]
+        edges = sorted({0, rows, *cuts})
+        chunks = list(itertools.pairwise(edges))
+        if all(b - a == 1 or cum[b - 1] - (cum[a - 1] if a else 0) <= budget for a, b in chunks):
+            return chunks
+    return [(r, r + 1) for r in range(rows)]
+
+
+def row_tokens(s: Samples, packed: bool) -> list[int]:
+    """Each row's tokens in a forward: its real ones where the batch goes through packed
+    (:class:`PackedBatch`), else the padded width."""
+    if packed:
+        return [int(x) for x in s.attention_mask.sum(1)]
+    return [s.query_ids.shape[1] + s.response_ids.shape[1]] * len(s)
 
 
 def _chunked_backward(
@@ -404,14 +422,15 @@ def _chunked_backward(
     pc: PPOConfig,
     run: Callable[[Rollout, float], dict[str, Any]],
     loss_key: str,
+    packed: bool,
 ) -> dict[str, float]:
-    """``run(piece, count)`` over the micro-batch's row chunks (``pc.update_tokens``): each returns
-    its losses divided by the micro-batch's token ``count`` (so the pieces add up to the micro-batch's
-    means); ``loss_key``'s is backpropagated, scaled by ``share``. Returns the summed values."""
+    """``run(piece, count)`` over the micro-batch's row chunks (``pc.update_tokens``, counted as
+    :func:`row_tokens`, real tokens where ``packed``): each returns its losses divided by the
+    micro-batch's answer-token ``count`` (so the pieces add up to the micro-batch's means);
+    ``loss_key``'s is backpropagated, scaled by ``share``. Returns the summed values."""
     count = float(micro.mask.sum())
-    width = micro.samples.query_ids.shape[1] + micro.samples.response_ids.shape[1]
     total: dict[str, float] = {}
-    for a, b in row_chunks(len(micro), width, pc.update_tokens):
+    for a, b in row_chunks(row_tokens(micro.samples, packed), pc.update_tokens):
         piece = micro if (a, b) == (0, len(micro)) else micro.select(torch.arange(a, b))
         out = run(piece, count)
         (out[loss_key] * share).backward()
@@ -462,7 +481,10 @@ def _minibatch_one_process(
     ) -> tuple[list[dict[str, float]], float]:
         """Every micro-batch's backward into ``model``, its clip and step, its gradients freed;
         the other model has no gradients, so only this one moves."""
-        parts = [_chunked_backward(micro, share, pc, run, loss_key) for micro, share in micros]
+        packed = packs(model)
+        parts = [
+            _chunked_backward(micro, share, pc, run, loss_key, packed) for micro, share in micros
+        ]
         g = grad_norm(model, pc.max_grad_norm)
         on_bad(**{norm: g})
         optimizer.step()
