@@ -193,3 +193,36 @@ def test_offset_judges_a_later_slice_of_the_file(
     capsys.readouterr()
     assert main(["eval-labeler", str(HH), "offset=60", "constitution=paper"]) == 2
     assert "offset=60" in capsys.readouterr().err
+
+
+def test_killed_injection_measurement_resumes(tmp_path: Path) -> None:
+    """injection=true keeps its judgements in the records file too: a killed measurement,
+    rerun, asks only what is missing and gives the uninterrupted figures."""
+    from rlaif.store import JsonlStore
+    from tests.fake_lm import gullible
+
+    prefs = load_preferences(HH, limit=10)
+    cfg = load_config(None, ["constitution=paper", "label.principles=1", "seed=2"])
+    methods = ("dual",)
+    whole_lm = FakeLM(gullible)
+    whole = ev.evaluate(whole_lm, cfg, prefs, methods, injection=True)
+    assert whole["inj_flip_before"] > 0.4 and whole["inj_flip_after"] == 0.0
+
+    class Dies(FakeLM):
+        def choice_logprobs(self, prompts, choices):  # type: ignore[no-untyped-def]
+            if self.questions >= 20 + 30:  # after the 20 dual questions, inside the injection
+                raise KeyboardInterrupt
+            return super().choice_logprobs(prompts, choices)
+
+    records = tmp_path / "records.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(Dies(gullible), cfg, prefs, methods, True, JsonlStore(records))
+    kept = len(JsonlStore(records))
+    assert 10 < kept < 10 + 10 * len(ev.INJECTION_RUNS)
+    again_lm = FakeLM(gullible)
+    assert ev.evaluate(again_lm, cfg, prefs, methods, True, JsonlStore(records)) == whole
+    assert 0 < again_lm.questions < whole_lm.questions - 20  # neither dual nor done injections
+    assert len(JsonlStore(records)) == 10 + 10 * len(ev.INJECTION_RUNS)
+    idle = FakeLM(gullible)
+    assert ev.evaluate(idle, cfg, prefs, methods, True, JsonlStore(records)) == whole
+    assert idle.questions == 0

@@ -18,7 +18,8 @@ few-shot examples came from), ``limit``, ``seed``, ``methods=single,dual,ensembl
 Every judgement is appended to a records file as it is made (default:
 ``$RLAIF_HOME/eval-labeler/<settings hash>.jsonl``, one file per feedback model and label
 settings), so a killed run, rerun with the same arguments, judges only what is missing; a larger
-``limit`` reuses the pairs already judged. The injection measurement is not kept: it reruns.
+``limit`` reuses the pairs already judged. The injection measurement (``injection=true``) keeps
+its judgements in the same file and resumes the same way.
 """
 
 from __future__ import annotations
@@ -212,42 +213,93 @@ def evaluate(
         res["order_flip"] = _rate(flips)
         res["mean_pa"] = _rate(pa)
     if injection:
-        res.update(injection_flips(lm, cfg, comps))
+        res.update(injection_flips(lm, cfg, comps, [p.id for p in prefs], store, done))
     return res
 
 
-def injection_flips(lm: Any, cfg: RunConfig, comps: list[Comparison]) -> dict[str, float]:
+INJECTION_RUNS = tuple(
+    (tag, delimit, order, kind)
+    for tag, delimit in (("before", False), ("after", True))
+    for order in (0, 1)
+    for kind in ("clean", "cue", "options")
+)
+"""The injection measurement's questions per pair: ``delimit`` off ("before") and on ("after"),
+both orders, the rejected answer as it is and with each injection."""
+
+
+def injection_flips(
+    lm: Any,
+    cfg: RunConfig,
+    comps: list[Comparison],
+    ids: Sequence[str] | None = None,
+    store: JsonlStore | None = None,
+    done: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, float]:
     """Share of (pair, order) verdicts that flip when the rejected answer carries an injection.
 
     The injected text names the rejected answer's own position in that order (the worst case).
-    Measured with ``delimit`` off ("before") and on ("after"), first principle only.
+    Measured with ``delimit`` off ("before") and on ("after"), first principle only. With
+    ``store``, each judgement is appended as it is made (pair ``ids[i]``) and those in ``done``
+    (or already in the store) are reused, so a killed measurement resumes.
     """
-    out: dict[str, float] = {}
+    from rlaif.progress import progress
+
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(comps))]
+    if done is None:
+        done = {r["id"]: r for r in store.records()} if store else {}
     one = [dataclasses.replace(c, principles=c.principles[:1]) for c in comps]
-    for tag, delimit in (("before", False), ("after", True)):
-        labeler = Labeler.from_config(
+    labelers = {
+        delimit: Labeler.from_config(
             lm, dataclasses.replace(cfg.label, delimit=delimit), cfg.seed, cfg.backend.kind == "hf"
         )
+        for delimit in (False, True)
+    }
+
+    def key(i: int, run: tuple[str, bool, int, str]) -> str:
+        tag, _, order, kind = run  # the principle asked is part of the question
+        return record_id("injection", tag, order, kind, ids[i], one[i].principles[0][0])
+
+    def variant(c: Comparison, order: int, kind: str) -> Comparison:
+        label = "B" if order == 0 else "A"  # where the rejected (second) answer sits
+        if kind == "cue":
+            return dataclasses.replace(c, second=inject_cue(c.second, label))
+        if kind == "options":
+            return dataclasses.replace(c, second=inject_options(c.second, label, c.first))
+        return c
+
+    missing = [i for i in range(len(one)) if any(key(i, r) not in done for r in INJECTION_RUNS)]
+    bar = progress(total=len(one), initial=len(one) - len(missing), desc="injection", unit="pair")
+    for start in range(0, len(missing), CHUNK):
+        span = missing[start : start + CHUNK]
+        for run in INJECTION_RUNS:
+            _, delimit, order, kind = run
+            todo = [i for i in span if key(i, run) not in done]
+            if not todo:
+                continue
+            part = [variant(one[i], order, kind) for i in todo]
+            got = labelers[delimit].compare(part, [(order,)] * len(part))
+            fresh = [
+                {"id": key(i, run), "kind": f"injection-{kind}", "pair": ids[i], "p": o["p"]}
+                for i, o in zip(todo, got, strict=True)
+            ]
+            if store is not None:
+                store.append(fresh)
+            done.update((r["id"], r) for r in fresh)
+        bar.update(len(span))
+    bar.close()
+
+    out: dict[str, float] = {}
+    for tag in ("before", "after"):
         flips: list[float] = []
         steer: list[float] = []
-        for order in (0, 1):
-            label = "B" if order == 0 else "A"  # where the rejected (second) answer sits
-            clean = [o["p"] for o in labeler.compare(one, [(order,)] * len(one))]
-            for kind in ("cue", "options"):
-                bad = [
-                    dataclasses.replace(
-                        c,
-                        second=inject_cue(c.second, label)
-                        if kind == "cue"
-                        else inject_options(c.second, label, c.first),
-                    )
-                    for c in one
-                ]
-                hit = [o["p"] for o in labeler.compare(bad, [(order,)] * len(bad))]
-                flips += [
-                    float(fb.verdict(a) != fb.verdict(b)) for a, b in zip(clean, hit, strict=True)
-                ]
-                steer += [a - b for a, b in zip(clean, hit, strict=True)]
+        for run in INJECTION_RUNS:
+            if run[0] != tag or run[3] == "clean":
+                continue
+            clean_run = (*run[:3], "clean")
+            for i in range(len(one)):
+                a, b = done[key(i, clean_run)]["p"], done[key(i, run)]["p"]
+                flips.append(float(fb.verdict(a) != fb.verdict(b)))
+                steer.append(a - b)
         out[f"inj_flip_{tag}"] = _rate(flips)
         out[f"inj_shift_{tag}"] = _rate(steer)
     return out
