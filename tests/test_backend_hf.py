@@ -387,6 +387,21 @@ def test_prefix_cache_forgotten_when_weights_change(lively_dir: Path) -> None:
     assert after != before
 
 
+def test_the_backend_applies_its_heap_setting(
+    lm: HFLM, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Library use (no `rlaif` command) gets `backend.heap` too, before the weights load."""
+    import dataclasses
+
+    from rlaif.backends import hf
+
+    seen: list[str] = []
+    monkeypatch.setattr(hf.heap, "configure", lambda mode: seen.append(mode) or False)
+    HFLM.from_objects(lm.model, lm.tokenizer, dataclasses.replace(FP32, heap="system"))
+    HFLM(tiny_model_dir, FP32)
+    assert seen == ["system", FP32.heap]
+
+
 def test_from_objects_and_sample_ids_seeded_per_row(lm: HFLM) -> None:
     wrapped = HFLM.from_objects(lm.model, lm.tokenizer, FP32, name="policy")
     assert wrapped.name == "policy" and wrapped.dtype == torch.float32

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlaif import heap
 from rlaif.backends.base import BackendStats, Conversation, Generation, GenerationParams
 from rlaif.backends.dtype import pick_dtype, resolve_device
 from rlaif.backends.kvcache import (
@@ -76,6 +77,7 @@ class HFLM:
 
     def __init__(self, path: str | Path, cfg: BackendConfig | None = None) -> None:
         cfg = cfg or BackendConfig()
+        heap.configure(cfg.heap)  # before the weights: library use gets what `rlaif` commands do
         device = resolve_device(cfg.device)
         dtype = pick_dtype(cfg.dtype, device)
         model, tokenizer = load_causal_lm(
@@ -104,9 +106,11 @@ class HFLM:
         under autocast (the KV cache is kept in it); by default that of its weights.
         """
         lm = cls.__new__(cls)
+        cfg = cfg or BackendConfig()
+        heap.configure(cfg.heap)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        lm._setup(model, tokenizer, cfg or BackendConfig(), name)
+        lm._setup(model, tokenizer, cfg, name)
         if compute_dtype is not None:
             lm.dtype = compute_dtype
         lm.path = Path(name)
