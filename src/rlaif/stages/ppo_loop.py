@@ -31,6 +31,7 @@ fine-tuning) and the PM are not trained and stay whole on every rank.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import logging
@@ -396,12 +397,15 @@ def row_chunks(tokens: Sequence[int], budget: int) -> list[tuple[int, int]]:
     if budget <= 0 or total <= budget:
         return [(0, rows)]
     cum = list(itertools.accumulate(tokens))
+
+    def cut_near(target: float) -> int:
+        """The row boundary (1 .. rows - 1) whose running total is nearest ``target``."""
+        r = bisect.bisect_left(cum, target, 0, rows - 1)
+        near = [x for x in (r - 1, r) if 0 <= x < rows - 1]
+        return min(near, key=lambda x: abs(cum[x] - target)) + 1
+
     for n in range(math.ceil(total / budget), rows + 1):
-        # cut after the row whose running total is nearest each k/n of the whole
-        cuts = [
-            min(range(rows - 1), key=lambda r: abs(cum[r] - k * total / n)) + 1 for k in range(1, n)
-        ]
-        edges = sorted({0, rows, *cuts})
+        edges = sorted({0, rows, *(cut_near(k * total / n) for k in range(1, n))})
         chunks = list(itertools.pairwise(edges))
         if all(b - a == 1 or cum[b - 1] - (cum[a - 1] if a else 0) <= budget for a, b in chunks):
             return chunks
