@@ -342,13 +342,53 @@ def test_row_chunks_cut_by_the_token_budget() -> None:
     rc = ppo_loop.row_chunks
     assert rc([150] * 8, 0) == [(0, 8)]  # 0: no budget
     assert rc([150] * 8, 1200) == [(0, 8)]  # fits exactly
-    assert rc([150] * 8, 512) == [(0, 3), (3, 5), (5, 8)]  # 1200 tokens: 3 chunks of <= 512
+    assert rc([150] * 8, 512) == [(0, 3), (3, 6), (6, 8)]  # 1200 tokens: 3 chunks of <= 512
     assert rc([900] * 3, 512) == [(0, 1), (1, 2), (2, 3)]  # one row at least
     # rows of different lengths (packed): 1000 tokens in two chunks of 500, cut after row 1
     assert rc([100, 400, 50, 50, 300, 100], 512) == [(0, 2), (2, 6)]
     # the same rows padded to 400: five chunks would put two rows (800) together, so six
     assert rc([400] * 6, 512) == [(r, r + 1) for r in range(6)]
     assert rc([700], 512) == [(0, 1)]
+    # three chunks fit (10, 2, 10); cutting nearest each third of the total would need four
+    assert rc([5, 5, 1, 1, 5, 5], 10) == [(0, 2), (2, 5), (5, 6)]
+    # among the fewest chunks, the most even: 9 + 9 beats the greedy fill's 12 + 6
+    assert rc([3, 3, 3, 3, 3, 3], 12) == [(0, 3), (3, 6)]
+    # rows over the budget stand alone, the rest still share
+    assert rc([600, 100, 100, 600, 100], 512) == [(0, 1), (1, 3), (3, 4), (4, 5)]
+
+
+def test_row_chunks_are_the_fewest_and_then_the_most_even() -> None:
+    """Against an exhaustive search over every split of up to 10 rows: the fewest chunks that
+    keep to the budget (a row over it alone), and among those the smallest largest chunk."""
+    import itertools
+    import random
+
+    def best(tokens: list[int], budget: int) -> tuple[int, int]:
+        n, out = len(tokens), (len(tokens) + 1, 0)
+        for k in range(n):
+            for cuts in itertools.combinations(range(1, n), k):
+                edges = [0, *cuts, n]
+                sums = [sum(tokens[a:b]) for a, b in itertools.pairwise(edges)]
+                ok = all(
+                    b - a == 1 or t <= budget
+                    for (a, b), t in zip(itertools.pairwise(edges), sums, strict=True)
+                )
+                if ok:
+                    out = min(out, (k + 1, max(sums)))
+        return out
+
+    rng = random.Random(0)
+    for _ in range(300):
+        tokens = [rng.randint(1, 300) for _ in range(rng.randint(1, 10))]
+        budget = rng.randint(1, 1200)
+        chunks = ppo_loop.row_chunks(tokens, budget)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(tokens)
+        assert all(x[1] == y[0] for x, y in itertools.pairwise(chunks))
+        if sum(tokens) <= budget:
+            assert chunks == [(0, len(tokens))]
+            continue
+        got = (len(chunks), max(sum(tokens[a:b]) for a, b in chunks))
+        assert got == best(tokens, budget), (tokens, budget, chunks)
 
 
 def test_row_tokens_count_real_tokens_where_packed() -> None:
@@ -376,6 +416,7 @@ def test_update_in_row_chunks_equals_whole_micro_batches(
     if packed:
         use_short_attention(m.policy)
         use_short_attention(m.value)
+        assert ppo_loop.packs(m.policy) and ppo_loop.packs(m.value)
     # one row per chunk: the widest row's tokens (real ones where packed)
     widest = max(ppo_loop.row_tokens(ro.samples, packed))
     assert len(ppo_loop.row_chunks(ppo_loop.row_tokens(ro.samples, packed), widest)) > 1

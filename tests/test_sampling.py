@@ -72,3 +72,27 @@ def test_a_row_draws_the_same_alone_or_in_a_batch() -> None:
     g = gens()
     alone = [select_next(logits[1:2], 0.8, 0.9, g, [1]) for _ in range(5)]
     assert [int(t[1]) for t in together] == [int(t[0]) for t in alone]
+
+
+def test_rows_without_mass_or_with_nan_are_refused() -> None:
+    u = torch.tensor([0.5], dtype=torch.float64)
+    for bad in ([0.0, 0.0, 0.0], [0.5, float("nan"), 0.5], [0.5, float("inf"), 0.0]):
+        with pytest.raises(ValueError, match="no mass, or NaN or inf"):
+            inverse_cdf(torch.tensor([bad]), u)
+    gens = [torch.Generator().manual_seed(0)]
+    with pytest.raises(ValueError):
+        select_next(torch.tensor([[0.0, float("nan")]]), 1.0, 1.0, gens, [0])
+
+
+def test_nucleus_with_a_first_k_of_zero_still_grows() -> None:
+    probs = torch.softmax(torch.randn(2, 30, generator=torch.Generator().manual_seed(3)), -1)
+    torch.testing.assert_close(nucleus(probs, 0.8, first_k=0), _sorted_nucleus(probs, 0.8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_on_cuda_with_cuda_generators() -> None:
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(1)).cuda()
+    gens = [torch.Generator(device="cuda").manual_seed(i) for i in range(3)]
+    out = select_next(logits, 0.7, 0.9, gens, [0, 1, 2])
+    assert out.device.type == "cuda" and out.shape == (3,)
+    assert bool((out >= 0).all()) and bool((out < 1000).all())

@@ -73,7 +73,13 @@ def plain_format(messages: Sequence[dict[str, str]]) -> str:
 
 
 class HFLM:
-    """A transformers causal LM behind the :class:`~rlaif.backends.base.LM` protocol."""
+    """A transformers causal LM behind the :class:`~rlaif.backends.base.LM` protocol.
+
+    Making one applies ``cfg.heap`` to the whole process (:func:`rlaif.heap.configure`): with
+    the default ``keep``, glibc serves every block from its heap and never trims it, so memory
+    freed after the peak stays with the process (a notebook or a service included). Pass
+    ``BackendConfig(heap="system")`` to leave the allocator as it is.
+    """
 
     def __init__(self, path: str | Path, cfg: BackendConfig | None = None) -> None:
         cfg = cfg or BackendConfig()

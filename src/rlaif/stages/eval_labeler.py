@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,41 @@ def _rate(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def judge_missing(
+    keys: list[dict[Any, str]],
+    runs: Sequence[Any],
+    judge: Callable[[Any, list[int]], list[dict[str, Any]]],
+    store: JsonlStore | None,
+    done: dict[str, dict[str, Any]],
+    desc: str,
+) -> None:
+    """Ask every question not yet in ``done``: pair ``i``'s question ``run`` has the record id
+    ``keys[i][run]``; ``judge(run, pair indices)`` answers a list of them, one record each.
+
+    Pairs go in chunks of :data:`CHUNK`, each run in turn; each run's records are appended to
+    ``store`` (written and fsynced) before the next starts, so a killed run loses at most one
+    backend call, and a rerun asks only what is missing.
+    """
+    from rlaif.progress import progress
+
+    missing = [i for i, row in enumerate(keys) if any(row[r] not in done for r in runs)]
+    bar = progress(total=len(keys), initial=len(keys) - len(missing), desc=desc, unit="pair")
+    for start in range(0, len(missing), CHUNK):
+        span = missing[start : start + CHUNK]
+        for run in runs:
+            todo = [i for i in span if keys[i][run] not in done]
+            if not todo:
+                continue
+            fresh = [
+                {"id": keys[i][run], **rec} for i, rec in zip(todo, judge(run, todo), strict=True)
+            ]
+            if store is not None:
+                store.append(fresh)
+            done.update((r["id"], r) for r in fresh)
+        bar.update(len(span))
+    bar.close()
+
+
 def evaluate(
     lm: Any,
     cfg: RunConfig,
@@ -132,7 +167,6 @@ def evaluate(
     where it stopped and gives the figures of an uninterrupted one.
     """
     from rlaif.constitution import load_constitution
-    from rlaif.progress import progress
 
     lab = cfg.label
     principles = [(p.id, p.feedback) for p in load_constitution(cfg.constitution).principles]
@@ -160,24 +194,17 @@ def evaluate(
         return [{"p0": f["0"], "p1": f["1"], "p": o["p"]} for f, o in zip(first, outs, strict=True)]
 
     keys = [{kind: record_id(kind, p.id) for kind in kinds} for p in prefs]
-    ready = sum(all(key in done for key in row.values()) for row in keys)
-    bar = progress(total=len(comps), initial=ready, desc="eval-labeler", unit="pair")
-    for start in range(0, len(comps), CHUNK):
-        span = range(start, min(start + CHUNK, len(comps)))
-        todo_pairs = [i for i in span if any(key not in done for key in keys[i].values())]
-        for kind in kinds:
-            todo = [i for i in todo_pairs if keys[i][kind] not in done]
-            if not todo:
-                continue
-            fresh = [
-                {"id": keys[i][kind], "kind": kind, "pair": prefs[i].id, **rec}
-                for i, rec in zip(todo, judge(kind, [comps[i] for i in todo]), strict=True)
-            ]
-            if store is not None:
-                store.append(fresh)  # written and fsynced before the next kind starts
-            done.update((r["id"], r) for r in fresh)
-        bar.update(len(todo_pairs))
-    bar.close()
+    judge_missing(
+        keys,
+        kinds,
+        lambda kind, todo: [
+            {"kind": kind, "pair": prefs[i].id, **rec}
+            for i, rec in zip(todo, judge(kind, [comps[i] for i in todo]), strict=True)
+        ],
+        store,
+        done,
+        "eval-labeler",
+    )
 
     res: dict[str, Any] = {"n": len(prefs), "model": getattr(lm, "name", "?")}
     labels: dict[str, list[float]] = {m: [] for m in methods}
@@ -242,7 +269,6 @@ def injection_flips(
     ``store``, each judgement is appended as it is made (pair ``ids[i]``) and those in ``done``
     (or already in the store) are reused, so a killed measurement resumes.
     """
-    from rlaif.progress import progress
 
     ids = list(ids) if ids is not None else [str(i) for i in range(len(comps))]
     if done is None:
@@ -267,26 +293,17 @@ def injection_flips(
             return dataclasses.replace(c, second=inject_options(c.second, label, c.first))
         return c
 
-    missing = [i for i in range(len(one)) if any(key(i, r) not in done for r in INJECTION_RUNS)]
-    bar = progress(total=len(one), initial=len(one) - len(missing), desc="injection", unit="pair")
-    for start in range(0, len(missing), CHUNK):
-        span = missing[start : start + CHUNK]
-        for run in INJECTION_RUNS:
-            _, delimit, order, kind = run
-            todo = [i for i in span if key(i, run) not in done]
-            if not todo:
-                continue
-            part = [variant(one[i], order, kind) for i in todo]
-            got = labelers[delimit].compare(part, [(order,)] * len(part))
-            fresh = [
-                {"id": key(i, run), "kind": f"injection-{kind}", "pair": ids[i], "p": o["p"]}
-                for i, o in zip(todo, got, strict=True)
-            ]
-            if store is not None:
-                store.append(fresh)
-            done.update((r["id"], r) for r in fresh)
-        bar.update(len(span))
-    bar.close()
+    def ask(run: tuple[str, bool, int, str], todo: list[int]) -> list[dict[str, Any]]:
+        _, delimit, order, kind = run
+        part = [variant(one[i], order, kind) for i in todo]
+        got = labelers[delimit].compare(part, [(order,)] * len(part))
+        return [
+            {"kind": f"injection-{kind}", "pair": ids[i], "p": o["p"]}
+            for i, o in zip(todo, got, strict=True)
+        ]
+
+    keys = [{run: key(i, run) for run in INJECTION_RUNS} for i in range(len(one))]
+    judge_missing(keys, INJECTION_RUNS, ask, store, done, "injection")
 
     out: dict[str, float] = {}
     for tag in ("before", "after"):
@@ -296,8 +313,8 @@ def injection_flips(
             if run[0] != tag or run[3] == "clean":
                 continue
             clean_run = (*run[:3], "clean")
-            for i in range(len(one)):
-                a, b = done[key(i, clean_run)]["p"], done[key(i, run)]["p"]
+            for row in keys:
+                a, b = done[row[clean_run]]["p"], done[row[run]]["p"]
                 flips.append(float(fb.verdict(a) != fb.verdict(b)))
                 steer.append(a - b)
         out[f"inj_flip_{tag}"] = _rate(flips)

@@ -31,7 +31,6 @@ fine-tuning) and the PM are not trained and stay whole on every rank.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import itertools
 import logging
@@ -389,34 +388,42 @@ def _stats(p: dict[str, Any], v: dict[str, Any]) -> tuple[Any, ...]:
     return (loss, p["pg"], v["vf"], p["ent"], p["approx_kl"], p["clipfrac"], v["vf_clipfrac"])
 
 
+def _greedy_edges(tokens: Sequence[int], cap: int) -> list[int]:
+    """Row boundaries from filling each chunk up to ``cap`` tokens (a larger row alone)."""
+    edges, acc = [0], 0
+    for i, t in enumerate(tokens):
+        if i > edges[-1] and acc + t > cap:
+            edges.append(i)
+            acc = 0
+        acc += t
+    return [*edges, len(tokens)]
+
+
 def row_chunks(tokens: Sequence[int], budget: int) -> list[tuple[int, int]]:
     """``[start, end)`` ranges of consecutive rows holding at most ``budget`` tokens each
-    (``tokens[i]``: row ``i``'s), as few as that allows and as even in tokens as the rows allow;
-    a row over the budget alone; ``budget <= 0``: one range."""
-    rows, total = len(tokens), sum(tokens)
+    (``tokens[i]``: row ``i``'s; a row over the budget alone): as few ranges as the budget
+    allows (filling each up to the budget), and among those the one whose largest range is
+    smallest (the smallest cap that still needs no more ranges, found by bisection);
+    ``budget <= 0``: one range."""
+    total = sum(tokens)
     if budget <= 0 or total <= budget:
-        return [(0, rows)]
-    cum = list(itertools.accumulate(tokens))
-
-    def cut_near(target: float) -> int:
-        """The row boundary (1 .. rows - 1) whose running total is nearest ``target``."""
-        r = bisect.bisect_left(cum, target, 0, rows - 1)
-        near = [x for x in (r - 1, r) if 0 <= x < rows - 1]
-        return min(near, key=lambda x: abs(cum[x] - target)) + 1
-
-    for n in range(math.ceil(total / budget), rows + 1):
-        edges = sorted({0, rows, *(cut_near(k * total / n) for k in range(1, n))})
-        chunks = list(itertools.pairwise(edges))
-        if all(b - a == 1 or cum[b - 1] - (cum[a - 1] if a else 0) <= budget for a, b in chunks):
-            return chunks
-    return [(r, r + 1) for r in range(rows)]
+        return [(0, len(tokens))]
+    fewest = len(_greedy_edges(tokens, budget)) - 1
+    lo, hi = max(1, math.ceil(total / fewest)), budget  # hi always needs only `fewest`
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_greedy_edges(tokens, mid)) - 1 <= fewest:
+            hi = mid
+        else:
+            lo = mid + 1
+    return list(itertools.pairwise(_greedy_edges(tokens, hi)))
 
 
 def row_tokens(s: Samples, packed: bool) -> list[int]:
     """Each row's tokens in a forward: its real ones where the batch goes through packed
     (:class:`PackedBatch`), else the padded width."""
     if packed:
-        return [int(x) for x in s.attention_mask.sum(1)]
+        return [int(x) for x in s.attention_mask.sum(1).tolist()]
     return [s.query_ids.shape[1] + s.response_ids.shape[1]] * len(s)
 
 
