@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,6 +102,30 @@ def test_bad_arguments(tmp_path: Path) -> None:
     assert main(["eval-labeler", str(bad), "limit=2"]) == 2
 
 
+def killed_run(
+    answer: Any,
+    after: int,
+    cfg: Any,
+    prefs: list[Any],
+    methods: tuple[str, ...],
+    injection: bool,
+    records: Path,
+) -> int:
+    """Evaluate with a FakeLM killed (KeyboardInterrupt) at its first call once ``after``
+    questions were asked; return how many judgements the records file kept."""
+    from rlaif.store import JsonlStore
+
+    class Dies(FakeLM):
+        def choice_logprobs(self, prompts, choices):  # type: ignore[no-untyped-def]
+            if self.questions >= after:
+                raise KeyboardInterrupt
+            return super().choice_logprobs(prompts, choices)
+
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(Dies(answer), cfg, prefs, methods, injection, JsonlStore(records))
+    return len(JsonlStore(records))
+
+
 def test_killed_run_resumes_from_its_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,16 +148,9 @@ def test_killed_run_resumes_from_its_records(
     whole_lm = FakeLM(prefers_short)
     whole = ev.evaluate(whole_lm, cfg, prefs, methods, injection=False)
 
-    class Dies(FakeLM):
-        def choice_logprobs(self, prompts, choices):  # type: ignore[no-untyped-def]
-            if self.questions >= 60:  # in the second chunk (48 questions a chunk)
-                raise KeyboardInterrupt
-            return super().choice_logprobs(prompts, choices)
-
     records = tmp_path / "records.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        ev.evaluate(Dies(prefers_short), cfg, prefs, methods, False, JsonlStore(records))
-    kept = len(JsonlStore(records))
+    # killed in the second chunk (48 questions a chunk)
+    kept = killed_run(prefers_short, 60, cfg, prefs, methods, False, records)
     assert 0 < kept < 2 * 24  # some, not all, of the 24 x 2 kinds of judgement
 
     again_lm = FakeLM(prefers_short)
@@ -208,16 +226,9 @@ def test_killed_injection_measurement_resumes(tmp_path: Path) -> None:
     whole = ev.evaluate(whole_lm, cfg, prefs, methods, injection=True)
     assert whole["inj_flip_before"] > 0.4 and whole["inj_flip_after"] == 0.0
 
-    class Dies(FakeLM):
-        def choice_logprobs(self, prompts, choices):  # type: ignore[no-untyped-def]
-            if self.questions >= 20 + 30:  # after the 20 dual questions, inside the injection
-                raise KeyboardInterrupt
-            return super().choice_logprobs(prompts, choices)
-
     records = tmp_path / "records.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        ev.evaluate(Dies(gullible), cfg, prefs, methods, True, JsonlStore(records))
-    kept = len(JsonlStore(records))
+    # killed after the 20 dual questions, inside the injection measurement
+    kept = killed_run(gullible, 20 + 30, cfg, prefs, methods, True, records)
     assert 10 < kept < 10 + 10 * len(ev.INJECTION_RUNS)
     again_lm = FakeLM(gullible)
     assert ev.evaluate(again_lm, cfg, prefs, methods, True, JsonlStore(records)) == whole
