@@ -196,13 +196,26 @@ def test_final_checkpoint_leaves_out_the_optimizer_and_a_rerun_keeps_its_weights
         assert torch.equal(p, trained[n]), n
 
 
-@pytest.mark.parametrize("where", ["reward", "loss"])
+@pytest.mark.parametrize("where", ["reward", "loss", "weights"])
 def test_nan_stops_with_last_good_checkpoint(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     m = tiny_models(tiny_model_dir)
     if where == "reward":
         m.scorer = TargetTokenReward(m.tokenizer, fail_at_call=3, fail="nan")
+    elif where == "weights":  # the policy's weights go NaN: step 3's sampling meets NaN logits
+        real_sample = ppo_loop.sample
+        samples = {"n": 0}
+
+        def sample_after_poison(*args: Any, **kw: Any) -> Any:
+            samples["n"] += 1
+            if samples["n"] == 3:
+                with torch.no_grad():
+                    for p in m.policy.parameters():
+                        p.fill_(math.nan)
+            return real_sample(*args, **kw)
+
+        monkeypatch.setattr(ppo_loop, "sample", sample_after_poison)
     else:
         real = ppo_loop.ppo_policy_loss
         calls = {"n": 0}

@@ -47,6 +47,7 @@ import torch
 from rlaif.attention import PACKING, Packing, packs, use_short_attention
 from rlaif.backends.base import GenerationParams
 from rlaif.backends.hf import HFLM
+from rlaif.backends.kvcache import NonFiniteProbabilities
 from rlaif.checkpoint import check_finite, latest_checkpoint
 from rlaif.checkpoint import load_trainer_state as _load_trainer_state
 from rlaif.config import BackendConfig, PPOConfig
@@ -714,7 +715,10 @@ def train(
         # the policy's bf16 linears, once for sampling and its no-grad forward (rlaif.linear_dtype)
         with linear_weights_as(models.policy, low):
             with dist.full_weights(), autocast(amp, lm.device):
-                samples, texts = sample(lm, [encoded[i] for i in mine], pc, seeds[lo:hi])
+                try:
+                    samples, texts = sample(lm, [encoded[i] for i in mine], pc, seeds[lo:hi])
+                except NonFiniteProbabilities:  # the policy's weights went non-finite
+                    check_finite(step, "ppo", last, policy_probabilities=math.nan)
             t_gen = time.perf_counter() - t0
             convs = [
                 [*prompts[i], {"role": "assistant", "content": t}]
