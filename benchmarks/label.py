@@ -29,7 +29,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -101,7 +101,14 @@ def _naive(model_dir: str, n: int, k: int, shots: int) -> dict[str, Any]:
     return {"seconds": secs, "comparisons_s": n * k / secs, "labels": labels}
 
 
-def _ours(model_dir: str, n: int, k: int, shots: int, per_pair: bool, dtype: str) -> dict[str, Any]:
+def _ours(
+    model_dir: str,
+    n: int,
+    k: int,
+    shots: int,
+    per_pair: bool,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"],
+) -> dict[str, Any]:
     from rlaif.backends.hf import HFLM
     from rlaif.config import BackendConfig
     from rlaif.labeler import Labeler

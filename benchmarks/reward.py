@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, in_child, report
@@ -51,7 +51,10 @@ def load_pairs(model_dir: str, n: int, max_length: int) -> list[dict[str, Any]]:
 
 
 def run_ours(
-    model_dir: str, pairs: list[dict[str, Any]], max_length: int, dtype: str
+    model_dir: str,
+    pairs: list[dict[str, Any]],
+    max_length: int,
+    dtype: Literal["auto", "float32", "bfloat16"],
 ) -> dict[str, Any]:
     import dataclasses
 
