@@ -87,7 +87,7 @@ def select_next(
         probs = nucleus(probs, top_p)
     gens = [generators[row] for row in rows]
     u = [torch.rand((), dtype=torch.float64, generator=g, device=g.device) for g in gens]
-    return inverse_cdf(probs, torch.stack([x.to(probs.device) for x in u]))
+    return inverse_cdf(probs, torch.stack(u))  # on the generators' device; moved where needed
 
 
 def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 256) -> torch.Tensor:
@@ -129,7 +129,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     dev = probs.device
     if dev.type == "mps":
-        probs, u = probs.cpu(), u.cpu()
+        probs = probs.cpu()
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:].contiguous()
     if not bool((torch.isfinite(total) & (total > 0)).all()):

@@ -117,6 +117,11 @@ def _rate(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def judged(store: JsonlStore | None) -> dict[str, dict[str, Any]]:
+    """The judgements already in ``store``, by record id (none without a store)."""
+    return {r["id"]: r for r in store.records()} if store else {}
+
+
 def judge_missing(
     keys: list[dict[Any, str]],
     runs: Sequence[Any],
@@ -181,7 +186,7 @@ def evaluate(
     cot = Labeler.from_config(lm, cot_lab, cfg.seed, per_pair) if "cot" in methods else labeler
     mc = [m for m in methods if m in ("single", "dual", "ensemble")]
     kinds = ([f"mc{k}"] if mc else []) + [m for m in ("cot", "pointwise") if m in methods]
-    done: dict[str, dict[str, Any]] = {r["id"]: r for r in store.records()} if store else {}
+    done = judged(store)
 
     def judge(kind: str, part: list[Comparison]) -> list[dict[str, Any]]:
         if kind == "cot":
@@ -269,10 +274,9 @@ def injection_flips(
     ``store``, each judgement is appended as it is made (pair ``ids[i]``) and those in ``done``
     (or already in the store) are reused, so a killed measurement resumes.
     """
-
     ids = list(ids) if ids is not None else [str(i) for i in range(len(comps))]
     if done is None:
-        done = {r["id"]: r for r in store.records()} if store else {}
+        done = judged(store)
     one = [dataclasses.replace(c, principles=c.principles[:1]) for c in comps]
     labelers = {
         delimit: Labeler.from_config(
