@@ -103,3 +103,14 @@ def report(name: str, figures: dict[str, Any], details: dict[str, Any] | None = 
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"RESULT {name} " + " ".join(f"{k}={_fmt(v)}" for k, v in figures.items()), flush=True)
     return path
+
+
+def prompt_tokens(model_dir: str, prompts: list[Any]) -> int:
+    """Prompt tokens as every variant feeds them (chat template, no extra special tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [
+        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    return sum(len(tok(str(t), add_special_tokens=False)["input_ids"]) for t in texts)

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import SHARED_DATA, in_child, report
+from _common import SHARED_DATA, in_child, prompt_tokens, report
 
 VARIANTS = ("naive", "hf_generate", "ours", "ours_fp32")
 
@@ -115,17 +115,6 @@ def run_variant(
     if name == "ours_fp32":
         return _ours(model_dir, prompts, new, "float32", batch)
     raise ValueError(name)
-
-
-def prompt_tokens(model_dir: str, prompts: list[Any]) -> int:
-    """Prompt tokens as every variant feeds them (chat template, no extra special tokens)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    texts = [
-        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
-    ]
-    return sum(len(tok(str(t), add_special_tokens=False)["input_ids"]) for t in texts)
 
 
 def fp32_floor_s(model_dir: str, n_prompt: int, n_new: int, fp32_gflops: float) -> float:

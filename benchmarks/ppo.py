@@ -20,7 +20,11 @@ first touches of pages for the other.
 
     flock /tmp/rlaif-heavy.lock .venv/bin/python benchmarks/ppo.py
 
-Prints ``RESULT ppo episodes_per_s_ours=... episodes_per_s_trl=... speedup=... rss_ratio=...``.
+Prints ``RESULT ppo episodes_per_s_ours=... episodes_per_s_trl=... speedup=... rss_ratio=...``,
+and, after both sides, the run's floor (``ppo_floor``): ``matmul_floor_s`` (the fp32 weight
+matmuls of our run's episodes, each shape timed on this machine), ``matmul_share_ours`` (that
+floor over our time) and ``max_speedup`` (TRL's time over the floor: the most any exact fp32
+implementation could reach here).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TRL_VENV = HERE / ".venv-trl112"
 TRL_VERSION = "1.12.0"
+PPO_EPOCHS = 4
 
 
 def _peak_rss_mb() -> float:
@@ -117,7 +122,7 @@ def child_ours(work: Path, model_dir: Path, a: argparse.Namespace) -> dict[str, 
         rollout_batch_size=a.batch,
         batch_size=a.batch,
         grad_accum=1,
-        ppo_epochs=4,
+        ppo_epochs=PPO_EPOCHS,
         max_new_tokens=a.tokens,
         max_length=1024,
         temperature=0.7,
@@ -192,7 +197,7 @@ def child_trl(work: Path, model_dir: Path, a: argparse.Namespace) -> dict[str, A
         per_device_train_batch_size=a.batch,
         gradient_accumulation_steps=1,
         num_mini_batches=1,
-        num_ppo_epochs=4,
+        num_ppo_epochs=PPO_EPOCHS,
         total_episodes=a.episodes,
         response_length=a.tokens,
         local_rollout_forward_batch_size=a.batch,
@@ -289,6 +294,29 @@ def run_child(
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{side} failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(lines[-1][len("CHILD ") :])
+
+
+def matmul_floor(
+    model_dir: Path, prompts: list[Any], ours: dict[str, Any], a: argparse.Namespace
+) -> dict[str, Any]:
+    """The fp32 weight matmuls of this run (our answers' lengths, every prompt once), timed
+    shape by shape on this machine: no exact fp32 PPO of these episodes runs faster
+    (``ppo_floor``)."""
+    from _common import prompt_tokens
+    from ppo_floor import Model, floor_seconds, run_matmuls
+
+    n_prompt = prompt_tokens(str(model_dir), prompts)
+    steps = ours["episodes"] // a.batch
+    counts = run_matmuls(
+        Model.from_config(model_dir / "config.json"),
+        steps=steps,
+        episodes_per_step=a.batch,
+        prompt_tokens=n_prompt * ours["episodes"] / len(prompts),
+        answer_tokens=ours["mean_response_length"] * ours["episodes"],
+        epochs=PPO_EPOCHS,
+    )
+    out = floor_seconds(counts)
+    return {**out, "prompt_tokens": n_prompt, "shapes": len(counts)}
 
 
 def _mem_available_gib() -> float:
@@ -395,6 +423,11 @@ def main() -> int:
             print(f"ours {dt}: {json.dumps(runs[dt])}", flush=True)
         if trl is None and not a.skip_trl:
             trl = run_trl()
+        floor = None
+        if "float32" in runs:  # after both sides, on a quiet machine
+            prompts = json.loads((work / "prompts.json").read_text())
+            floor = matmul_floor(model_dir, prompts, runs["float32"], a)
+            print(f"matmul floor: {json.dumps(floor)}", flush=True)
     figures: dict[str, Any] = {}
     for dt, ours in runs.items():
         sfx = "" if dt == "float32" else f"_{dt}"
@@ -408,7 +441,19 @@ def main() -> int:
             sfx = "" if dt == "float32" else f"_{dt}"
             figures[f"speedup{sfx}"] = round(ours["episodes"] / ours["train_s"] / eps_trl, 2)
             figures[f"rss_ratio{sfx}"] = round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 3)
-    details = {"ours": runs, "trl": trl, "inputs": info, "args": vars(a), "model": str(model_dir)}
+    if floor is not None:
+        figures["matmul_floor_s"] = round(floor["seconds"], 1)
+        figures["matmul_share_ours"] = round(floor["seconds"] / runs["float32"]["train_s"], 3)
+        if trl is not None:
+            figures["max_speedup"] = round(trl["train_s"] / floor["seconds"], 2)
+    details = {
+        "ours": runs,
+        "trl": trl,
+        "inputs": info,
+        "matmul_floor": floor,
+        "args": vars(a),
+        "model": str(model_dir),
+    }
     report("ppo", figures, details)
     return 0
 
