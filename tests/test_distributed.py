@@ -424,6 +424,43 @@ def kill_after_first_checkpoint(
     return max(int(p.name.split("-")[1]) for p in ckpt_root.glob("step-*"))
 
 
+def test_workers_stop_when_the_launcher_is_killed(
+    tmp_path: Path, tiny_model_dir: Path, fixtures: Path
+) -> None:
+    """A SIGKILL to `accelerate launch` alone, which it cannot pass on to the workers torchrun
+    started in sessions of their own: the kernel SIGTERMs them (distributed.follow_launcher),
+    so none goes on writing the run directory, and its lock is free for the rerun."""
+    from rlaif.runlock import hold
+
+    run = tmp_path / "run"
+    write_run_inputs(run, fixtures)
+    # about 500 steps: left alone, the workers would go on for many seconds and finish the run
+    extra = {"sft.max_steps": 2000, "sft.epochs": 100, "sft.save_every": 2, "sft.batch_size": 2}
+    proc = subprocess.Popen(
+        launch_cmd(["sft", *train_args(run, tiny_model_dir, **extra)]),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any((run / "checkpoints" / "sft").glob("step-*")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= 2, workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    assert not alive, f"{len(alive)} workers outlived their launcher"
+    assert not (run / "manifests" / "sft.json").exists(), "the workers ran on to the end"
+    with hold(run, "rlaif sft"):
+        pass
+
+
 @pytest.mark.parametrize(
     "layout,lora",
     [

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlaif import __version__, heap
+from rlaif import __version__, heap, runlock
 from rlaif.errors import UserError
 
 
@@ -158,7 +158,8 @@ def run_stage(cmd: Command, argv: Sequence[str]) -> int:
     config, overrides = split_stage_args(cmd.name, argv)
     cfg = load_config(config, overrides)
     heap.configure(cfg.backend.heap)
-    out = _resolve(cmd.target)(cfg)
+    with runlock.hold(cfg.run_path, f"rlaif {cmd.name}"):
+        out = _resolve(cmd.target)(cfg)
     if out is not None:
         print(f"rlaif {cmd.name}: done -> {out}")
     return 0
@@ -201,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd.section is not None and any(a in ("-h", "--help") for a in rest):
         print(stage_help(cmd))
         return 0
+    from rlaif import distributed
+
+    if distributed.launched():
+        distributed.follow_launcher()
     try:
         _setup_logging()
         if cmd.section is not None:
@@ -213,8 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rlaif {cmd.name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     finally:
-        from rlaif import distributed
-
         if distributed.launched():
             distributed.close()
 

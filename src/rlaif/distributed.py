@@ -58,6 +58,32 @@ def launched() -> bool:
         return False
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def follow_launcher() -> bool:
+    """Linux: ask the kernel to SIGTERM this launched worker when its launcher dies.
+
+    torchrun (behind ``accelerate launch``) starts each worker in a session of its own, so a
+    SIGKILL to the launcher alone, which it cannot pass on, would leave the workers training and
+    writing the run directory to the end. A worker stopped this way loses nothing (records are
+    appended, checkpoints written whole) and a rerun resumes. Called first thing by a launched
+    ``rlaif`` command; returns whether the kernel took the request (False off Linux).
+    """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def close() -> None:
     """Destroy this process's process group, if the command made one.
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlaif import runlock
 from rlaif.config import RewardConfig, RunConfig
 from rlaif.errors import UserError
 
@@ -340,9 +341,10 @@ def pmp_data_main(argv: list[str]) -> int:
         raise UserError("usage: rlaif reward pmp-data DUMP... [CONFIG.yaml] [key=value ...]")
     cfg = load_config(configs[0] if configs else None, overrides)
     out = cfg.run_path / "pmp_pairs.jsonl"
-    stats = write_pmp_pairs(
-        dumps, out, max_per_question=cfg.reward.pmp_max_per_question, seed=cfg.seed
-    )
+    with runlock.hold(cfg.run_path, "rlaif reward pmp-data"):
+        stats = write_pmp_pairs(
+            dumps, out, max_per_question=cfg.reward.pmp_max_per_question, seed=cfg.seed
+        )
     for key, value in stats.items():
         print(f"{key}: {value}")
     print(f"wrote {out}")
@@ -364,6 +366,8 @@ def main(argv: list[str]) -> int:
 
         return eval_main(argv[1:])
     config, overrides = split_stage_args("reward", argv)
-    out = run(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    with runlock.hold(cfg.run_path, "rlaif reward"):
+        out = run(cfg)
     print(f"rlaif reward: done -> {out}")
     return 0
