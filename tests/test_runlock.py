@@ -137,3 +137,31 @@ def test_launched_workers_leave_it_to_rank_0(
             hold(tmp_path / "run", "rlaif sft"),
         ):
             pass
+
+
+def test_a_nested_hold_keeps_the_outer_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rlaif run` holds the lock while its stages run in the same process: a hold inside it must
+    not open and close the file again (closing any descriptor drops a process's POSIX locks)."""
+    monkeypatch.delenv("RANK", raising=False)
+    with hold(tmp_path, "rlaif run"):
+        with hold(tmp_path, "rlaif sft"):
+            pass
+        probe = subprocess.run(
+            [sys.executable, "-c", HOLDER, str(tmp_path), "plain"],
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert probe.returncode != 0 and "in use" in probe.stderr, probe.stderr[-500:]
+
+
+def test_an_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    with (
+        pytest.raises(UserError, match=r"afile.*cannot write"),
+        hold(tmp_path / "afile" / "run", "rlaif sft"),
+    ):
+        pass

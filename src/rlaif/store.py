@@ -23,7 +23,7 @@ from rlaif.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def _write_error(path: Path, exc: OSError) -> UserError:
+def write_error(path: Path, exc: OSError) -> UserError:
     reason = {
         errno.EACCES: "permission denied",
         errno.EROFS: "read-only file system",
@@ -37,7 +37,7 @@ def ensure_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
     return path
 
 
@@ -85,7 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -95,7 +95,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
     fsync_dir(path.parent)
 
 
@@ -168,7 +168,7 @@ class JsonlStore:
                     fh.flush()
                     os.fsync(fh.fileno())
             except OSError as exc:
-                raise _write_error(self.path, exc) from None
+                raise write_error(self.path, exc) from None
 
     def __contains__(self, rid: object) -> bool:
         return str(rid) in self._done
@@ -206,7 +206,7 @@ class JsonlStore:
         except OSError as exc:
             for rec in fresh:
                 self._done.pop(str(rec[self.key]), None)
-            raise _write_error(self.path, exc) from None
+            raise write_error(self.path, exc) from None
         return len(lines)
 
 

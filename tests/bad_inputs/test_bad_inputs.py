@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from rlaif.cli import main
+from rlaif.runlock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
@@ -286,10 +287,11 @@ def _write(tmp: Path, files: dict[str, str | bytes]) -> None:
 
 
 def _snapshot(run: Path) -> dict[str, str]:
+    """The run directory's files but its lock, which a refused command may have held."""
     return {
         str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(run.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != LOCK_NAME
     }
 
 
