@@ -22,9 +22,10 @@ first touches of pages for the other.
 
 Prints ``RESULT ppo episodes_per_s_ours=... episodes_per_s_trl=... speedup=... rss_ratio=...``,
 and, after both sides, the run's floor (``ppo_floor``): ``matmul_floor_s`` (the fp32 weight
-matmuls of our run's episodes, each shape timed on this machine), ``matmul_share_ours`` (that
-floor over our time) and ``max_speedup`` (TRL's time over the floor: the most any exact fp32
-implementation could reach here).
+matmuls that an exact PPO of our run's episodes must do, each shape timed on this machine),
+``matmul_share_ours`` (that floor over our time) and ``max_speedup`` (TRL's time over the floor:
+what an implementation doing nothing but those matmuls, layer by layer with this machine's
+matrix multiply, would reach).
 """
 
 from __future__ import annotations
@@ -305,6 +306,10 @@ def matmul_floor(
     from _common import prompt_tokens
     from ppo_floor import Model, floor_seconds, run_matmuls
 
+    from rlaif import heap
+    from rlaif.config import BackendConfig
+
+    heap.configure(BackendConfig().heap)  # freed outputs stay mapped, as in the children
     n_prompt = prompt_tokens(str(model_dir), prompts)
     steps = ours["episodes"] // a.batch
     counts = run_matmuls(

@@ -1,24 +1,30 @@
 """A lower bound on a PPO run's time on this CPU: the models' weight matmuls alone.
 
-Every PPO implementation that does the method exactly (sample, score, three no-grad views, then
-``epochs`` passes of forward + backward through the policy and the value model) runs at least the
-matmuls of its models' linear layers: attention, norms, softmax, the optimizer and all the rest
-come on top. :func:`run_matmuls` lists them for a run's token counts, :func:`floor_seconds` times
-each distinct shape on this machine (``F.linear`` and its backward, as autograd runs them) and adds
-them up. ``benchmarks/ppo.py`` divides the peer's time by this floor: no implementation of the
-same arithmetic in the same dtype can be faster than ``max_speedup`` here.
+Every PPO implementation that does the method exactly (sample, score with the PM, the reference's
+view of the answers, then ``epochs`` passes of forward + backward through the policy and the
+value model) runs at least the matmuls of its models' linear layers: attention, norms, softmax,
+the optimizer and all the rest come on top. :func:`run_matmuls` lists them for a run's token
+counts, :func:`floor_seconds` times each distinct shape on this machine (``F.linear`` and its
+backward, as autograd runs them, one shape at a time) and adds them up. ``benchmarks/ppo.py``
+divides the peer's time by this floor: with this machine's matrix multiply, layer by layer, no
+implementation of the same arithmetic in the same dtype could be faster than ``max_speedup``.
 
-Counted (``B`` = the body's linears, ``H`` = the LM head; ``P``, ``T``, ``R``: a step's prompt,
-prompt + answer, and answer tokens; ``n``: episodes per step):
+Counted (``P``, ``T``, ``R``: a step's prompt, prompt + answer, and answer tokens; ``n``: episodes
+per step), as generously as an implementation could get away with:
 
-- generation: ``B`` over ``P`` rows (prefill) and ``H`` over ``n`` rows; then one decode step per
-  answer token of the mean episode, ``B`` and ``H`` over ``n`` rows;
-- the no-grad views: policy and reference (``B`` over ``T``, ``H`` over ``R``: only answer
-  positions need logits), value model and PM (``B`` over ``T``; their scalar heads are left out);
-- the update, ``epochs`` times: policy and value model as above, forward and backward.
+- q, k and v run as one matmul, gate and up as one; the last decoder layer computes its queries,
+  output projection and MLP only at the rows whose output is read (keys and values at all rows);
+- generation: prefill over ``P`` rows (logits for ``n`` rows), then one decode step over ``n``
+  rows per answer token after the first, for the mean answer;
+- no-grad views: the reference (``T`` rows, logits at the ``R`` answer rows) and the PM (``T``
+  rows, read at ``n``). The policy's old log-probs can come from the decode, and with one
+  mini-batch per step (as in the benchmark) the old values from the first update pass, so
+  neither is counted;
+- the update, ``epochs`` times: policy (logits at ``R`` rows) and value model (read at ``R`` rows),
+  forward and backward.
 
-Weight matmuls only: no attention products, no embedding look-up, and every token is real (no
-padding), so the bound is generous to whoever is measured against it.
+No attention products, no embedding look-up, scalar heads left out, and every token real (no
+padding).
 """
 
 from __future__ import annotations
@@ -63,11 +69,14 @@ class Model:
             vocab=int(cfg["vocab_size"]),
         )
 
-    def body(self) -> list[tuple[int, int]]:
-        """``(in, out)`` of one decoder layer's linears: q, k, v, o, gate, up, down."""
+    def layer(self, rows: int, m: int) -> list[tuple[int, int, int]]:
+        """``(in, out, rows)`` of one decoder layer's matmuls over ``m`` input rows when only
+        ``rows`` of its outputs are read (``rows == m``: every layer but the last)."""
         h, i = self.hidden, self.intermediate
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+        if rows == m:
+            return [(h, q + 2 * kv, m), (q, h, m), (h, 2 * i, m), (i, h, m)]
+        return [(h, q, rows), (h, 2 * kv, m), (q, h, rows), (h, 2 * i, rows), (i, h, rows)]
 
 
 def run_matmuls(
@@ -84,24 +93,24 @@ def run_matmuls(
     p = round(prompt_tokens / steps)
     r = round(answer_tokens / steps)
     t = p + r
-    decode_steps = round(answer_tokens / (steps * n))
+    decode_steps = max(0, round(answer_tokens / (steps * n)) - 1)
     out: Counter[Shape] = Counter()
 
-    def body(m: int, times: int, backward: bool = False) -> None:
-        for k, o in model.body():
-            out[(k, o, m, backward)] += times * model.layers
+    def forward(m: int, read: int, times: int, *, logits: bool, backward: bool = False) -> None:
+        """One model over ``m`` rows, its output read at ``read`` rows (LM head there)."""
+        for k, o, rows in model.layer(m, m):
+            out[(k, o, rows, backward)] += times * (model.layers - 1)
+        for k, o, rows in model.layer(read, m):
+            out[(k, o, rows, backward)] += times
+        if logits:
+            out[(model.hidden, model.vocab, read, backward)] += times
 
-    def head(m: int, times: int, backward: bool = False) -> None:
-        out[(model.hidden, model.vocab, m, backward)] += times
-
-    body(p, steps)  # prefill
-    head(n, steps)
-    body(n, steps * decode_steps)  # decode
-    head(n, steps * decode_steps)
-    body(t, 4 * steps)  # policy, reference, value, PM views
-    head(r, 2 * steps)
-    body(t, 2 * epochs * steps, backward=True)  # policy and value updates
-    head(r, epochs * steps, backward=True)
+    forward(p, n, steps, logits=True)  # prefill
+    forward(n, n, steps * decode_steps, logits=True)  # decode
+    forward(t, r, steps, logits=True)  # the reference's view
+    forward(t, n, steps, logits=False)  # the PM's scores
+    forward(t, r, epochs * steps, logits=True, backward=True)  # policy update
+    forward(t, r, epochs * steps, logits=False, backward=True)  # value update
     return out
 
 
@@ -120,7 +129,7 @@ def time_linear(shape: Shape, reps: int = 3) -> float:
     w = torch.randn(n, k, requires_grad=backward)
     grad = torch.ones(m, n)
     best = float("inf")
-    for _ in range(reps + 1):  # the first run warms up
+    for rep in range(reps + 1):  # the first run warms up, uncounted
         x.grad = w.grad = None
         t0 = time.perf_counter()
         if backward:
@@ -128,7 +137,8 @@ def time_linear(shape: Shape, reps: int = 3) -> float:
         else:
             with torch.no_grad():
                 torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - t0)
+        if rep:
+            best = min(best, time.perf_counter() - t0)
     return best
 
 
