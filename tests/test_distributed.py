@@ -396,6 +396,14 @@ def test_ppo_nan_on_one_rank_stops_both(tmp_path: Path, tiny_model_dir: Path) ->
         assert [r["step"] for r in read_metrics(tmp_path / where / "m.jsonl")] == [1, 2]
 
 
+def wait_for_first_checkpoint(proc: subprocess.Popen[bytes], ckpt_root: Path) -> None:
+    """Poll until a checkpoint appears under ``ckpt_root`` (the run must still be going)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(ckpt_root.glob("step-*")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+
+
 def kill_after_first_checkpoint(
     args: list[str], run_dir: Path, stage: str, layout: Path = CPU2
 ) -> int:
@@ -409,10 +417,7 @@ def kill_after_first_checkpoint(
         stderr=subprocess.DEVNULL,
     )
     ckpt_root = run_dir / "checkpoints" / stage
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any(ckpt_root.glob("step-*")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
+    wait_for_first_checkpoint(proc, ckpt_root)
     # torchrun starts its workers in their own sessions: kill each, not just the launcher's group.
     family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
     for p in family:
@@ -443,10 +448,7 @@ def test_workers_stop_when_the_launcher_is_killed(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any((run / "checkpoints" / "sft").glob("step-*")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
+    wait_for_first_checkpoint(proc, run / "checkpoints" / "sft")
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert len(workers) >= 2, workers
     proc.send_signal(signal.SIGKILL)
